@@ -1,0 +1,138 @@
+"""The linear protocol every federated LoRA algorithm fits.
+
+A round runs one or more *stages*. In each stage every selected client uploads named tensors, the
+runtime forms their weighted sum Σ wᵢ·uᵢ (the only thing the server ever sees, so secure aggregation fits
+without touching an algorithm), and the server turns that sum into either a reply for the next stage or,
+after the last stage, the new global adapter.
+
+Algorithms are pure tensor math: no TRL, no I/O, no device placement. Tensors are keyed by the PEFT
+state-dict names of the adapter (``...q_proj.lora_A.weight``), so a message is self-describing and can be
+checked key by key on either side of a wire.
+
+To add an algorithm, write one module in this package that defines a config (a pydantic model with a
+``name`` literal) and a class decorated with :func:`register`; it is discovered automatically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+Tensors = dict[str, torch.Tensor]
+Factor = Literal["A", "B"]
+
+
+class AlgorithmConfig(BaseModel):
+    """Base of every algorithm's recipe section (``algorithm:``); subclasses add a ``name`` literal."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def factor_of(key: str) -> Factor | None:
+    """Which LoRA factor a PEFT state-dict key belongs to (``None`` for anything else, e.g. a full tensor)."""
+    if ".lora_A." in key:
+        return "A"
+    if ".lora_B." in key:
+        return "B"
+    return None
+
+
+def select(tensors: Tensors, factors: frozenset[Factor] | set[Factor]) -> Tensors:
+    """The sub-dictionary holding only the given LoRA factors."""
+    return {k: v for k, v in tensors.items() if factor_of(k) in factors}
+
+
+def payload_bytes(tensors: Tensors) -> int:
+    """Bytes of tensor data in a message: what crosses the client/server boundary."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def weighted_sum(uploads: list[Tensors], weights: list[float]) -> Tensors:
+    """Σ wᵢ·uᵢ key by key, in float32, in the given order: the only server-side view of a stage."""
+    summed: Tensors = {}
+    for upload, weight in zip(uploads, weights, strict=True):
+        for key, value in upload.items():
+            term = value.float() * weight
+            summed[key] = summed[key] + term if key in summed else term
+    return summed
+
+
+@dataclass
+class ClientState:
+    """What a client keeps between its visits (off the accelerator; persisted to disk by the runtime).
+
+    ``tensors`` is the algorithm's own per-client state (e.g. FedSA-LoRA's local B, SCAFFOLD variates);
+    ``optimizer`` is the local optimizer's state when the recipe persists it.
+    """
+
+    tensors: Tensors = field(default_factory=dict)
+    optimizer: Tensors = field(default_factory=dict)
+
+    def is_empty(self) -> bool:
+        return not self.tensors and not self.optimizer
+
+
+class Algorithm:
+    """Defaults for a one-stage algorithm in which clients train both factors and upload them all.
+
+    Subclasses override only what differs. The runtime calls, per round ``t``:
+
+    1. ``broadcast(t, glob)`` once; the result goes to every selected client (counted as downlink);
+    2. per client: ``local_start(t, received, state)`` gives the adapter tensors to load before training;
+       training runs on the factors in ``trainable(t)``;
+    3. per stage ``s``: ``client_upload(s, t, trained, reply, state)`` from every client, the runtime sums
+       them with weights, and ``server_step(s, t, summed, glob)`` returns the next reply (stage < last,
+       sent to every client, counted as downlink) or the new global adapter (last stage);
+    4. per client: ``local_end(t, trained, state)`` returns what the client keeps.
+    """
+
+    name: ClassVar[str]
+    num_stages: ClassVar[int] = 1
+    config_class: ClassVar[type[AlgorithmConfig]]
+
+    def __init__(self, config: AlgorithmConfig) -> None:
+        self.config = config
+
+    def trainable(self, round_idx: int) -> frozenset[Factor]:
+        return frozenset({"A", "B"})
+
+    def init_global(self, initial: Tensors) -> Tensors:
+        """The server's global adapter at round 0, from the adapter every client also starts from."""
+        return {k: v.clone() for k, v in initial.items()}
+
+    def broadcast(self, round_idx: int, glob: Tensors) -> Tensors:
+        return select(glob, self.trainable(round_idx))
+
+    def local_start(self, round_idx: int, received: Tensors, state: ClientState) -> Tensors:
+        """Tensors to write into the client's adapter before local training (the rest stay as they are)."""
+        return received
+
+    def client_upload(
+        self, stage: int, round_idx: int, trained: Tensors, reply: Tensors, state: ClientState
+    ) -> Tensors:
+        return select(trained, self.trainable(round_idx))
+
+    def server_step(self, stage: int, round_idx: int, summed: Tensors, glob: Tensors) -> Tensors:
+        """Replace the uploaded tensors of the global adapter by their weighted average."""
+        return {**glob, **{k: v.clone() for k, v in summed.items()}}
+
+    def local_end(self, round_idx: int, trained: Tensors, state: ClientState) -> ClientState:
+        return state
+
+
+_REGISTRY: dict[str, type[Algorithm]] = {}
+
+
+def register(cls: type[Algorithm]) -> type[Algorithm]:
+    """Class decorator: make an algorithm available to recipes under ``cls.name``."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"algorithm {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registry() -> dict[str, type[Algorithm]]:
+    return dict(_REGISTRY)

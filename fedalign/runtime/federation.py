@@ -1,0 +1,174 @@
+"""The in-process federated round: sample clients, run their visits on one model, aggregate linearly.
+
+One base model lives in the process; a client visit writes the client's starting adapter into it in
+place, trains, and reads the result back. The server only ever sees the weighted sum of each stage's
+uploads (see :mod:`fedalign.algorithms.base`), and the bytes each client sends and receives are counted
+here, where the tensors cross between the client and the server side.
+
+Randomness is owned, never global: client sampling draws from its own generator (whose state is part of
+every checkpoint), and each visit's data order and dropout come from a seed derived from
+(run seed, client, round), so any round can be replayed without stored cursors.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from fedalign.algorithms.base import Algorithm, ClientState, Tensors, payload_bytes, weighted_sum
+from fedalign.models.adapter import AdapterSlots
+from fedalign.recipe import FederationSection
+from fedalign.runtime.metrics import MetricsLog, peak_memory_mib
+from fedalign.runtime.state import ClientStateStore
+
+
+class LocalTrainer(Protocol):
+    """What the runtime needs from local training (SFT today, DPO later)."""
+
+    def train(
+        self, rows: Any, steps: int, generator: torch.Generator, optimizer_state: Tensors | None
+    ) -> Any: ...
+
+
+def visit_seed(seed: int, client: int, round_idx: int) -> int:
+    return int(np.random.SeedSequence([seed, 2, client, round_idx]).generate_state(1)[0])
+
+
+@dataclass
+class Visit:
+    """One client's part in one round, as the server side sees it."""
+
+    client: int
+    weight: float
+    trained: Tensors
+    state: ClientState
+    result: Any
+    bytes_up: int = 0
+    bytes_down: int = 0
+    wall_s: float = 0.0
+
+
+class Federation:
+    def __init__(
+        self,
+        algorithm: Algorithm,
+        slots: AdapterSlots,
+        trainer: LocalTrainer,
+        client_rows: list[Any],
+        federation: FederationSection,
+        store: ClientStateStore,
+        metrics: MetricsLog,
+        *,
+        seed: int,
+        persist_optimizer: bool,
+        device: torch.device,
+    ) -> None:
+        self.algorithm, self.slots, self.trainer = algorithm, slots, trainer
+        self.client_rows, self.cfg, self.store, self.metrics = client_rows, federation, store, metrics
+        self.seed, self.persist_optimizer, self.device = seed, persist_optimizer, device
+        self.sampler = np.random.default_rng(np.random.SeedSequence([seed, 1]))
+
+    def sample(self) -> list[int]:
+        chosen = self.sampler.choice(self.cfg.num_clients, size=self.cfg.clients_per_round, replace=False)
+        return sorted(int(c) for c in chosen)
+
+    def _weights(self, clients: list[int]) -> list[float]:
+        if self.cfg.weighting == "uniform":
+            return [1.0 / len(clients)] * len(clients)
+        sizes = [len(self.client_rows[c]) for c in clients]
+        return [n / sum(sizes) for n in sizes]
+
+    def _local_training(self, client: int, round_idx: int, received: Tensors, weight: float) -> Visit:
+        """The client side of a round up to its first upload: load state, start adapter, train K steps."""
+        started = time.perf_counter()
+        state = self.store.load(client)
+        self.slots.write(self.algorithm.local_start(round_idx, received, state))
+        self.slots.set_trainable(self.algorithm.trainable(round_idx))
+        seed = visit_seed(self.seed, client, round_idx)
+        torch.manual_seed(seed)  # dropout inside the visit
+        result = self.trainer.train(
+            self.client_rows[client],
+            self.cfg.local_steps,
+            torch.Generator().manual_seed(seed),
+            state.optimizer if self.persist_optimizer else None,
+        )
+        if self.persist_optimizer:
+            state.optimizer = result.optimizer_state
+        visit = Visit(client, weight, self.slots.read(), state, result, bytes_down=payload_bytes(received))
+        visit.wall_s = time.perf_counter() - started
+        return visit
+
+    def run_round(self, round_idx: int, glob: Tensors) -> tuple[Tensors, list[Visit]]:
+        """One round: returns the new global adapter and the visits (for metrics)."""
+        started = time.perf_counter()
+        clients = self.sample()
+        received = self.algorithm.broadcast(round_idx, glob)
+        visits = [
+            self._local_training(c, round_idx, received, w)
+            for c, w in zip(clients, self._weights(clients), strict=True)
+        ]
+        reply: Tensors = {}
+        for stage in range(self.algorithm.num_stages):
+            uploads = []
+            for visit in visits:
+                upload = self.algorithm.client_upload(stage, round_idx, visit.trained, reply, visit.state)
+                visit.bytes_up += payload_bytes(upload)
+                uploads.append(upload)
+            summed = weighted_sum(uploads, [v.weight for v in visits])
+            del uploads
+            result = self.algorithm.server_step(stage, round_idx, summed, glob)
+            if stage < self.algorithm.num_stages - 1:
+                reply = result
+                for visit in visits:
+                    visit.bytes_down += payload_bytes(reply)
+            else:
+                glob = result
+        for visit in visits:
+            visit.state = self.algorithm.local_end(round_idx, visit.trained, visit.state)
+            self.store.save(visit.client, visit.state)
+            visit.trained = {}  # release the client's adapter copy as soon as the round is done
+        self._log(round_idx, visits, time.perf_counter() - started)
+        return glob, visits
+
+    def _log(self, round_idx: int, visits: list[Visit], wall_s: float) -> None:
+        peak = peak_memory_mib(self.device)
+        for v in visits:
+            self.metrics.write(
+                {
+                    "type": "client",
+                    "round": round_idx + 1,
+                    "client": v.client,
+                    "weight": v.weight,
+                    "loss": v.result.mean_loss,
+                    "loss_first": v.result.losses[0],
+                    "loss_last": v.result.losses[-1],
+                    "steps": len(v.result.losses),
+                    "examples": v.result.examples,
+                    "tokens": v.result.tokens,
+                    "bytes_up": v.bytes_up,
+                    "bytes_down": v.bytes_down,
+                    "wall_s": round(v.wall_s, 4),
+                    "peak_mem_mib": round(peak, 1),
+                }
+            )
+        self.metrics.write(
+            {
+                "type": "round",
+                "round": round_idx + 1,
+                "clients": [v.client for v in visits],
+                "loss": sum(v.weight * v.result.mean_loss for v in visits),
+                "examples": sum(v.result.examples for v in visits),
+                "bytes_up": sum(v.bytes_up for v in visits),
+                "bytes_down": sum(v.bytes_down for v in visits),
+                "wall_s": round(wall_s, 4),
+                "peak_mem_mib": round(peak, 1),
+            }
+        )
+
+    def server_state(self, round_idx: int) -> dict[str, Any]:
+        """What a checkpoint needs besides the global adapter to continue this run exactly."""
+        return {"round": round_idx + 1, "sampler": self.sampler.bit_generator.state}

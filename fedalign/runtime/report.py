@@ -1,0 +1,86 @@
+"""The end of a run as a person reads it: a summary table on the terminal and a loss plot in the run dir."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from fedalign.runtime.metrics import MetricsLog
+
+_MAX_ROWS = 20
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.3f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+def _evenly(items: list, limit: int) -> list:
+    if len(items) <= limit:
+        return items
+    step = (len(items) - 1) / (limit - 1)
+    return [items[round(i * step)] for i in range(limit)]
+
+
+def print_summary(console: Console, metrics: MetricsLog, run_dir: Path, wall_s: float) -> None:
+    rounds = metrics.of_type("round")
+    evals = {r["round"]: r["eval_loss"] for r in metrics.of_type("eval")}
+    table = Table(title="Rounds", show_edge=False)
+    for column in ("round", "clients", "train loss", "held-out loss", "bytes up", "bytes down", "wall s"):
+        table.add_column(column, justify="right")
+    for r in _evenly(rounds, _MAX_ROWS):
+        held = evals.get(r["round"])
+        table.add_row(
+            str(r["round"]),
+            ",".join(map(str, r["clients"])),
+            f"{r['loss']:.4f}",
+            "" if held is None else f"{held:.4f}",
+            _mib(r["bytes_up"]),
+            _mib(r["bytes_down"]),
+            f"{r['wall_s']:.2f}",
+        )
+    console.print(table)
+
+    per_client: dict[int, dict[str, int]] = defaultdict(lambda: {"visits": 0, "up": 0, "down": 0})
+    for c in metrics.of_type("client"):
+        entry = per_client[c["client"]]
+        entry["visits"] += 1
+        entry["up"] += c["bytes_up"]
+        entry["down"] += c["bytes_down"]
+    clients = Table(title="Communication per client", show_edge=False)
+    for column in ("client", "visits", "sent", "received"):
+        clients.add_column(column, justify="right")
+    ordered = sorted(per_client.items())
+    for client, entry in ordered[:_MAX_ROWS]:
+        clients.add_row(str(client), str(entry["visits"]), _mib(entry["up"]), _mib(entry["down"]))
+    if len(ordered) > _MAX_ROWS:
+        clients.add_row(f"... {len(ordered) - _MAX_ROWS} more", "", "", "")
+    console.print(clients)
+
+    before, after = evals.get(0), evals.get(max(evals)) if evals else None
+    if before is not None and after is not None:
+        change = (after - before) / before * 100
+        console.print(f"held-out loss: {before:.4f} -> {after:.4f} ({change:+.1f}%)")
+    console.print(f"wall time: {wall_s:.1f} s    run directory: {run_dir}")
+
+
+def plot_losses(metrics: MetricsLog, path: Path) -> None:
+    """``loss.png``: mean training loss per round and held-out loss where it was measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    rounds = metrics.of_type("round")
+    evals = metrics.of_type("eval")
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([r["round"] for r in rounds], [r["loss"] for r in rounds], label="train (clients' mean)")
+    ax.plot([e["round"] for e in evals], [e["eval_loss"] for e in evals], "o-", label="held-out")
+    ax.set_xlabel("round")
+    ax.set_ylabel("loss per completion token")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,199 @@
+"""``fedalign sft``: data -> partition -> federated rounds on TRL's SFTTrainer -> adapter -> evaluation.
+
+Everything that can be wrong with the inputs (recipe, model, data, partition) is found before the run
+directory is created, so a refused run leaves nothing behind. The run directory then holds:
+
+- ``recipe.yaml`` (resolved, overrides applied) and ``versions.json``;
+- ``partition.json`` (client -> row ids, plus rows dropped by truncation and why);
+- ``metrics.jsonl`` (see :mod:`fedalign.runtime.metrics`) and ``loss.png``;
+- ``checkpoints/round-NNNNN/`` (global adapter in safetensors + server state), ``clients/`` (idle
+  clients' state);
+- ``adapter/``: the final adapter as a standard PEFT folder, with the tokenizer and its chat template.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedalign import algorithms
+from fedalign.client.sft import SFTLocalTrainer
+from fedalign.data.partition import make_partition
+from fedalign.data.sources import load_examples, split_holdout
+from fedalign.errors import DataError
+from fedalign.models.adapter import AdapterSlots
+from fedalign.models.loading import check_model_reachable, load_model, resolve_device
+from fedalign.recipe import Recipe
+from fedalign.runtime.federation import Federation
+from fedalign.runtime.metrics import MetricsLog
+from fedalign.runtime.report import plot_losses, print_summary
+from fedalign.runtime.state import ClientStateStore, save_checkpoint, write_text_atomic
+
+_PACKAGES = ("fedalign", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "safetensors")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    eval_before: float | None
+    eval_after: float | None
+    round_losses: list[float]
+    wall_s: float
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    versions["cuda"] = torch.version.cuda or "none"
+    return versions
+
+
+def new_run_dir(recipe: Recipe) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(recipe.output_dir) / f"{recipe.name}-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    path.mkdir(parents=True)
+    return path
+
+
+def _save_adapter(model, tokenizer, run_dir: Path) -> Path:
+    final = run_dir / "adapter"
+    staging = run_dir / ".adapter.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    os.replace(staging, final)
+    return final
+
+
+def run_sft(recipe: Recipe, console: Console | None = None) -> RunResult:
+    console = console or Console()
+    started = time.perf_counter()
+    check_model_reachable(recipe.model)
+    examples = load_examples(recipe.data)
+    if recipe.data.eval_path:
+        train_examples = examples
+        eval_examples = load_examples(recipe.data, path=recipe.data.eval_path, split=recipe.data.eval_split)
+    else:
+        train_examples, eval_examples = split_holdout(examples, recipe.data.holdout, recipe.seed)
+
+    device = resolve_device(recipe.device)
+    loaded = load_model(recipe.model, recipe.lora, recipe.seed, device)
+    with console.status("tokenizing (once per run)"):
+        trainer = SFTLocalTrainer(
+            loaded.model,
+            loaded.tokenizer,
+            recipe.train,
+            [e.to_record() for e in train_examples],
+            [e.to_record() for e in eval_examples],
+            seed=recipe.seed,
+            use_cpu=device.type == "cpu",
+            bf16=device.type == "cuda" and recipe.model.dtype == "bfloat16",
+        )
+    dropped = set(trainer.dropped_rows)
+    kept = [e for e in train_examples if e.row_id not in dropped]
+    if dropped:
+        first = next(e.origin for e in train_examples if e.row_id in dropped)
+        console.print(
+            f"[yellow]warning:[/yellow] {len(dropped)} training rows have no completion token left within "
+            f"train.max_length={recipe.train.max_length} and are not used (first: {first}); "
+            "they are listed in partition.json"
+        )
+    if not kept:
+        raise DataError(
+            f"train.max_length={recipe.train.max_length} leaves no training row with a completion"
+        )
+    partition = make_partition(kept, recipe.partition, recipe.federation.num_clients, recipe.seed)
+    algorithm = algorithms.build(recipe.algorithm)
+
+    run_dir = new_run_dir(recipe)
+    write_text_atomic(recipe.resolved_yaml(), run_dir / "recipe.yaml")
+    write_text_atomic(json.dumps(package_versions(), indent=1), run_dir / "versions.json")
+    manifest = partition.to_manifest()
+    manifest["dropped_rows"] = {
+        "reason": "no completion token within train.max_length",
+        "rows": sorted(dropped),
+    }
+    manifest["eval_rows"] = [
+        e.row_id for e in eval_examples if e.row_id not in set(trainer.dropped_eval_rows)
+    ]
+    write_text_atomic(json.dumps(manifest), run_dir / "partition.json")
+
+    slots = AdapterSlots(trainer.model)
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    federation = Federation(
+        algorithm,
+        slots,
+        trainer,
+        [trainer.rows(ids) for ids in partition.clients],
+        recipe.federation,
+        ClientStateStore(run_dir / "clients"),
+        metrics,
+        seed=recipe.seed,
+        persist_optimizer=recipe.train.optimizer_state == "persist",
+        device=device,
+    )
+    glob = algorithm.init_global(slots.read())
+
+    def evaluate(round_idx: int) -> float | None:
+        if trainer.eval_rows is None or len(trainer.eval_rows) == 0:
+            return None
+        slots.write(glob)
+        loss = trainer.evaluate(trainer.eval_rows, recipe.eval.batch_size)
+        metrics.write({"type": "eval", "round": round_idx, "eval_loss": loss})
+        return loss
+
+    with console.status("held-out loss before training"):
+        before = evaluate(0)
+    rounds = recipe.federation.rounds
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("round", total=rounds)
+        for round_idx in range(rounds):
+            glob, _ = federation.run_round(round_idx, glob)
+            last = metrics.of_type("round")[-1]
+            progress.update(task, advance=1, description=f"round {round_idx + 1} loss {last['loss']:.4f}")
+            done = round_idx + 1
+            if recipe.eval.every and done % recipe.eval.every == 0 and done < rounds:
+                evaluate(done)
+            if done % recipe.checkpoint.every == 0 or done == rounds:
+                save_checkpoint(
+                    run_dir / "checkpoints",
+                    done,
+                    glob,
+                    federation.server_state(round_idx),
+                    recipe.checkpoint.keep_last,
+                )
+    after = evaluate(rounds)
+    slots.write(glob)
+    _save_adapter(trainer.model, loaded.tokenizer, run_dir)
+    wall = time.perf_counter() - started
+    metrics.write({"type": "summary", "eval_before": before, "eval_after": after, "wall_s": round(wall, 2)})
+    metrics.close()
+    plot_losses(metrics, run_dir / "loss.png")
+    print_summary(console, metrics, run_dir, wall)
+    return RunResult(
+        run_dir=run_dir,
+        eval_before=before,
+        eval_after=after,
+        round_losses=[r["loss"] for r in metrics.of_type("round")],
+        wall_s=wall,
+    )
