@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -45,11 +46,14 @@ _PACKAGES = ("fedalign", "torch", "transformers", "trl", "peft", "accelerate", "
 
 @dataclass
 class RunResult:
+    """A finished run; ``model`` is the in-memory PEFT model holding the final global adapter."""
+
     run_dir: Path
     eval_before: float | None
     eval_after: float | None
     round_losses: list[float]
     wall_s: float
+    model: Any = None
 
 
 def package_versions() -> dict[str, str]:
@@ -165,6 +169,7 @@ def run_sft(recipe: Recipe, console: Console | None = None) -> RunResult:
         before = evaluate(0)
     rounds = recipe.federation.rounds
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    loop_started = time.perf_counter()
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("round", total=rounds)
         for round_idx in range(rounds):
@@ -182,11 +187,20 @@ def run_sft(recipe: Recipe, console: Console | None = None) -> RunResult:
                     federation.server_state(round_idx),
                     recipe.checkpoint.keep_last,
                 )
+    loop_s = time.perf_counter() - loop_started
     after = evaluate(rounds)
     slots.write(glob)
     _save_adapter(trainer.model, loaded.tokenizer, run_dir)
     wall = time.perf_counter() - started
-    metrics.write({"type": "summary", "eval_before": before, "eval_after": after, "wall_s": round(wall, 2)})
+    metrics.write(
+        {
+            "type": "summary",
+            "eval_before": before,
+            "eval_after": after,
+            "rounds_wall_s": round(loop_s, 3),
+            "wall_s": round(wall, 2),
+        }
+    )
     metrics.close()
     plot_losses(metrics, run_dir / "loss.png")
     print_summary(console, metrics, run_dir, wall)
@@ -196,4 +210,5 @@ def run_sft(recipe: Recipe, console: Console | None = None) -> RunResult:
         eval_after=after,
         round_losses=[r["loss"] for r in metrics.of_type("round")],
         wall_s=wall,
+        model=trainer.model,
     )

@@ -1,0 +1,37 @@
+# The two quickstart commands: `make demo` and `make test` (each sets everything up first).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install demo test lint embedded bench clean
+
+# torch goes in first and only if the environment has none: a torch already there (CUDA or CPU) is kept
+# (point VENV at an existing environment to reuse its build). Otherwise torch==2.13.0 is installed: the
+# local CPU wheel on a CPU machine, PyPI's CUDA build on a GPU one. Nothing else may pull torch in.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/fedalign sft recipes/quickstart.yaml
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# Rebuild the embedded tiny model and bundled data in data/ (they are committed; this is how they were made).
+embedded: install
+	$(PY) -m fedalign.embedded --out data
+
+bench: install
+	$(PY) bench/loop_vs_trl.py
+	$(PY) bench/client_memory.py
+
+clean:
+	rm -rf runs .pytest_cache
