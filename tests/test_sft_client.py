@@ -56,3 +56,32 @@ def test_visit_batches_cover_every_row_before_repeating() -> None:
     assert sorted(flat[:5]) == [0, 1, 2, 3, 4]
     again = list(VisitBatches(5, 2, 5, torch.Generator().manual_seed(0)))
     assert again == batches
+
+
+def test_gradient_checkpointing_is_really_enabled_and_changes_no_result() -> None:
+    """We never call ``Trainer.train()``, which is where transformers turns checkpointing on."""
+    tokenizer = load_tokenizer(ModelSection(name_or_path=str(TINY_MODEL)))
+    records = [
+        Example(
+            row_id=i,
+            origin=f"t:{i}",
+            prompt=[{"role": "user", "content": f"Say {i}."}],
+            completion=[{"role": "assistant", "content": f"{i} it is."}],
+        ).to_record()
+        for i in range(4)
+    ]
+    updates = []
+    for checkpointing in (False, True):
+        model = attach_lora(
+            AutoModelForCausalLM.from_pretrained(TINY_MODEL), LoraSection(r=4, alpha=8), seed=0
+        )
+        train = TrainSection(max_length=64, batch_size=4, gradient_checkpointing=checkpointing)
+        local = SFTLocalTrainer(model, tokenizer, train, records, seed=0, use_cpu=True)
+        assert local.model.get_base_model().is_gradient_checkpointing is checkpointing
+        result = local.train(local.rows([0, 1, 2, 3]), 2, torch.Generator().manual_seed(0))
+        updates.append(
+            (result.losses, [p.detach().clone() for p in local.model.parameters() if p.requires_grad])
+        )
+    (plain_losses, plain_params), (ckpt_losses, ckpt_params) = updates
+    assert plain_losses == pytest.approx(ckpt_losses, rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain_params, ckpt_params, strict=True))

@@ -115,6 +115,8 @@ class SFTLocalTrainer:
             processing_class=tokenizer,
         )
         self.model = self.trainer.model
+        if train.gradient_checkpointing:
+            self._enable_activation_checkpointing()
         tokenized = self.trainer.train_dataset
         self._position = {row_id: i for i, row_id in enumerate(tokenized["row_id"])}
         self.dropped_rows = sorted({r["row_id"] for r in records} - set(self._position))
@@ -126,6 +128,19 @@ class SFTLocalTrainer:
         self.dropped_eval_rows = (
             sorted({r["row_id"] for r in eval_records} - set(evaluation["row_id"])) if eval_records else []
         )
+
+    def _enable_activation_checkpointing(self) -> None:
+        """What ``Trainer.train()`` would do at its start (we never call it): checkpoint activations."""
+        args = self.trainer.args
+        kwargs = dict(
+            getattr(args, "activation_checkpointing_kwargs", None) or args.gradient_checkpointing_kwargs or {}
+        )
+        kwargs.setdefault("use_reentrant", False)
+        enable = getattr(self.model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=kwargs)
+        else:  # transformers < 5.x names
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     # -- data -------------------------------------------------------------------------------------------
     def rows(self, row_ids: list[int]) -> Dataset:
