@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from fedalign.algorithms import registry
 from fedalign.errors import RecipeError
@@ -113,6 +121,36 @@ class TrainSection(Section):
     gradient_checkpointing: bool = False
 
 
+class PrivacySection(Section):
+    """Which unit is protected and how much (see :mod:`fedalign.privacy.accounting`).
+
+    ``example`` (SFT) and ``pair`` (DPO) are DP-SGD inside each client's local steps; ``client`` is
+    DP-FedAvg: each client's update is clipped and the server adds Gaussian noise to their sum.
+    """
+
+    unit: Literal["none", "example", "pair", "client"] = "none"
+    target_epsilon: float | None = Field(
+        default=None,
+        gt=0,
+        description="the budget: σ is calibrated to it, or, with noise_multiplier, it is a cap",
+    )
+    noise_multiplier: float | None = Field(default=None, gt=0, description="σ, when not calibrated")
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    clip_norm: float = Field(default=1.0, gt=0)
+    accountant: Literal["rdp", "prv"] = "rdp"
+    sampling: Literal["poisson", "shuffle"] = "poisson"
+
+    @model_validator(mode="after")
+    def _one_of(self) -> PrivacySection:
+        if self.unit != "none" and self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError(f"unit {self.unit!r} needs target_epsilon (σ is calibrated) or noise_multiplier")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.unit != "none"
+
+
 class EvalSection(Section):
     batch_size: int = Field(default=8, ge=1)
     every: int = Field(default=0, ge=0, description="held-out loss every N rounds; 0: only before and after")
@@ -140,8 +178,18 @@ class Recipe(Section):
     lora: LoraSection
     algorithm: _algorithm_union() = Field(default_factory=lambda: {"name": "fedavg"}, validate_default=True)  # type: ignore[valid-type]
     train: TrainSection = Field(default_factory=TrainSection)
+    privacy: PrivacySection = Field(default_factory=PrivacySection)
     eval: EvalSection = Field(default_factory=EvalSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+
+    @model_validator(mode="after")
+    def _delta_below_one_over_units(self) -> Recipe:
+        if self.privacy.unit == "client" and self.privacy.delta >= 1 / self.federation.num_clients:
+            raise ValueError(
+                f"privacy.delta: must be < 1/num_clients = {1 / self.federation.num_clients:.3g} "
+                f"for client-level privacy (got {self.privacy.delta})"
+            )
+        return self
 
     def resolved_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -166,7 +214,7 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
 def _format_error(source: str, error: ValidationError) -> str:
     lines = []
     for item in error.errors():
-        loc = ".".join(str(p) for p in item["loc"] if not str(p).startswith("function-")) or "(top level)"
+        loc = ".".join(str(p) for p in item["loc"] if not str(p).startswith("function-"))
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
@@ -176,7 +224,7 @@ def _format_error(source: str, error: ValidationError) -> str:
             item.get("input"), dict | type(None)
         ):
             message = f"{message} (got {item['input']!r})"
-        lines.append(f"{source}: {loc}: {message}")
+        lines.append(f"{source}: {loc}: {message}" if loc else f"{source}: {message}")
     return "\n".join(lines)
 
 

@@ -59,6 +59,10 @@ def test_overrides_are_applied_and_typed(tmp_path: Path, base_recipe: dict) -> N
         ("partition.kind=random", "partition.kind", "'iid' or 'dirichlet'"),
         ("algorithm.name=nope", "algorithm", "'fedavg'"),
         ("train.learning_rate=-1", "train.learning_rate", "greater than 0"),
+        ("privacy.noise_multiplier=0", "privacy.noise_multiplier", "greater than 0"),
+        ("privacy.clip_norm=-0.5", "privacy.clip_norm", "greater than 0"),
+        ("privacy.delta=1", "privacy.delta", "less than 1"),
+        ("privacy.unit=everyone", "privacy.unit", "'client'"),
     ],
 )
 def test_bad_values_name_the_key(
@@ -87,6 +91,18 @@ def test_missing_section_and_bad_files(tmp_path: Path, base_recipe: dict) -> Non
     listed.write_text("- a\n- b\n")
     with pytest.raises(RecipeError, match="mapping of sections"):
         load_recipe(listed)
+
+
+def test_privacy_needs_a_budget_or_a_noise_level_and_a_small_delta(tmp_path: Path, base_recipe: dict) -> None:
+    path = _write(tmp_path, base_recipe)
+    with pytest.raises(
+        RecipeError, match=r"privacy: unit 'client' needs target_epsilon .* or noise_multiplier"
+    ):
+        load_recipe(path, ["privacy.unit=client"])
+    with pytest.raises(RecipeError, match=r"privacy\.delta: must be < 1/num_clients"):
+        load_recipe(path, ["privacy.unit=client", "privacy.target_epsilon=3", "privacy.delta=0.5"])
+    recipe = load_recipe(path, ["privacy.unit=client", "privacy.noise_multiplier=1.1"])
+    assert recipe.privacy.enabled and recipe.privacy.noise_multiplier == 1.1
 
 
 def test_override_into_a_value_is_refused(tmp_path: Path, base_recipe: dict) -> None:

@@ -91,6 +91,9 @@ class Algorithm:
 
     name: ClassVar[str]
     num_stages: ClassVar[int] = 1
+    # Client-level DP clips each client's change to what it uploads, so the upload must be the trained
+    # factors themselves (one stage, keys a subset of the broadcast). Sketches and residual resets are not.
+    client_level_dp: ClassVar[bool] = True
     config_class: ClassVar[type[AlgorithmConfig]]
 
     def __init__(self, config: AlgorithmConfig) -> None:

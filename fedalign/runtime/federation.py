@@ -21,6 +21,7 @@ import torch
 
 from fedalign.algorithms.base import Algorithm, ClientState, Tensors, payload_bytes, weighted_sum
 from fedalign.models.adapter import AdapterSlots
+from fedalign.privacy.client_level import ClientLevelDP, clip_update
 from fedalign.recipe import FederationSection
 from fedalign.runtime.metrics import MetricsLog, peak_memory_mib
 from fedalign.runtime.state import ClientStateStore
@@ -50,6 +51,7 @@ class Visit:
     bytes_up: int = 0
     bytes_down: int = 0
     wall_s: float = 0.0
+    update_norm: float | None = None  # before clipping, under client-level DP
 
 
 class Federation:
@@ -66,11 +68,14 @@ class Federation:
         seed: int,
         persist_optimizer: bool,
         device: torch.device,
+        client_dp: ClientLevelDP | None = None,
     ) -> None:
         self.algorithm, self.slots, self.trainer = algorithm, slots, trainer
         self.client_rows, self.cfg, self.store, self.metrics = client_rows, federation, store, metrics
         self.seed, self.persist_optimizer, self.device = seed, persist_optimizer, device
         self.sampler = np.random.default_rng(np.random.SeedSequence([seed, 1]))
+        self.client_dp = client_dp
+        self.epsilon: float | None = None
 
     def sample(self) -> list[int]:
         chosen = self.sampler.choice(self.cfg.num_clients, size=self.cfg.clients_per_round, replace=False)
@@ -105,12 +110,26 @@ class Federation:
     def run_round(self, round_idx: int, glob: Tensors) -> tuple[Tensors, list[Visit]]:
         """One round: returns the new global adapter and the visits (for metrics)."""
         started = time.perf_counter()
-        clients = self.sample()
+        private = self.client_dp is not None
+        clients = self.client_dp.sample(self.sampler) if self.client_dp is not None else self.sample()
         received = self.algorithm.broadcast(round_idx, glob)
+        weights = [1.0] * len(clients) if private else self._weights(clients)
         visits = [
-            self._local_training(c, round_idx, received, w)
-            for c, w in zip(clients, self._weights(clients), strict=True)
+            self._local_training(c, round_idx, received, w) for c, w in zip(clients, weights, strict=True)
         ]
+        if self.client_dp is not None:
+            glob = self._private_aggregate(round_idx, received, glob, visits)
+        else:
+            glob = self._aggregate(round_idx, glob, visits)
+        for visit in visits:
+            visit.state = self.algorithm.local_end(round_idx, visit.trained, visit.state)
+            self.store.save(visit.client, visit.state)
+            visit.trained = {}  # release the client's adapter copy as soon as the round is done
+        self._log(round_idx, visits, time.perf_counter() - started)
+        return glob, visits
+
+    def _aggregate(self, round_idx: int, glob: Tensors, visits: list[Visit]) -> Tensors:
+        """Every stage: uploads, their weighted sum, the server step (a reply, or the new global adapter)."""
         reply: Tensors = {}
         for stage in range(self.algorithm.num_stages):
             uploads = []
@@ -127,12 +146,24 @@ class Federation:
                     visit.bytes_down += payload_bytes(reply)
             else:
                 glob = result
+        return glob
+
+    def _private_aggregate(
+        self, round_idx: int, received: Tensors, glob: Tensors, visits: list[Visit]
+    ) -> Tensors:
+        """DP-FedAvg: clients upload clipped updates; the server noises their sum, divides by E[cohort]."""
+        assert self.client_dp is not None
+        updates = []
         for visit in visits:
-            visit.state = self.algorithm.local_end(round_idx, visit.trained, visit.state)
-            self.store.save(visit.client, visit.state)
-            visit.trained = {}  # release the client's adapter copy as soon as the round is done
-        self._log(round_idx, visits, time.perf_counter() - started)
-        return glob, visits
+            upload = self.algorithm.client_upload(0, round_idx, visit.trained, {}, visit.state)
+            update, visit.update_norm = clip_update(upload, received, self.client_dp.cfg.clip_norm)
+            visit.bytes_up += payload_bytes(update)
+            updates.append(update)
+        mean_update = self.client_dp.noisy_mean(weighted_sum(updates, [1.0] * len(updates)), received)
+        self.epsilon = self.client_dp.record_round()
+        return self.algorithm.server_step(
+            0, round_idx, {k: received[k] + v for k, v in mean_update.items()}, glob
+        )
 
     def _log(self, round_idx: int, visits: list[Visit], wall_s: float) -> None:
         peak = peak_memory_mib(self.device)
@@ -153,6 +184,7 @@ class Federation:
                     "bytes_down": v.bytes_down,
                     "wall_s": round(v.wall_s, 4),
                     "peak_mem_mib": round(peak, 1),
+                    **({} if v.update_norm is None else {"update_norm": v.update_norm}),
                 }
             )
         self.metrics.write(
@@ -160,12 +192,18 @@ class Federation:
                 "type": "round",
                 "round": round_idx + 1,
                 "clients": [v.client for v in visits],
-                "loss": sum(v.weight * v.result.mean_loss for v in visits),
+                "loss": (
+                    sum(v.result.mean_loss * v.result.examples for v in visits)
+                    / sum(v.result.examples for v in visits)
+                    if visits
+                    else None
+                ),
                 "examples": sum(v.result.examples for v in visits),
                 "bytes_up": sum(v.bytes_up for v in visits),
                 "bytes_down": sum(v.bytes_down for v in visits),
                 "wall_s": round(wall_s, 4),
                 "peak_mem_mib": round(peak, 1),
+                **({} if self.epsilon is None else {"epsilon": self.epsilon}),
             }
         )
 

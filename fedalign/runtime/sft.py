@@ -32,9 +32,10 @@ from fedalign import algorithms
 from fedalign.client.sft import SFTLocalTrainer
 from fedalign.data.partition import make_partition
 from fedalign.data.sources import load_examples, split_holdout
-from fedalign.errors import DataError
+from fedalign.errors import DataError, RecipeError
 from fedalign.models.adapter import AdapterSlots
 from fedalign.models.loading import check_model_reachable, load_model, resolve_device
+from fedalign.privacy.client_level import ClientLevelDP
 from fedalign.recipe import Recipe
 from fedalign.runtime.federation import Federation
 from fedalign.runtime.metrics import MetricsLog
@@ -88,9 +89,28 @@ def _save_adapter(model, tokenizer, run_dir: Path) -> Path:
     return final
 
 
+def _privacy_for_sft(recipe: Recipe) -> ClientLevelDP | None:
+    """The privacy mechanism an SFT run uses; refuses units that make no sense here, before anything loads."""
+    unit = recipe.privacy.unit
+    if unit == "pair":
+        raise RecipeError(
+            "privacy.unit: 'pair' protects DPO preference pairs; use 'example' or 'client' for SFT"
+        )
+    if unit == "example":
+        raise RecipeError(
+            "privacy.unit: 'example' (DP-SGD in local steps) is not yet available; use 'client'"
+        )
+    if unit == "client":
+        return ClientLevelDP(
+            recipe.privacy, recipe.federation, recipe.seed, algorithms.build(recipe.algorithm)
+        )
+    return None
+
+
 def run_sft(recipe: Recipe, console: Console | None = None) -> RunResult:
     console = console or Console()
     started = time.perf_counter()
+    client_dp = _privacy_for_sft(recipe)
     check_model_reachable(recipe.model)
     examples = load_examples(recipe.data)
     if recipe.data.eval_path:
@@ -154,8 +174,10 @@ def run_sft(recipe: Recipe, console: Console | None = None) -> RunResult:
         seed=recipe.seed,
         persist_optimizer=recipe.train.optimizer_state == "persist",
         device=device,
+        client_dp=client_dp,
     )
     glob = algorithm.init_global(slots.read())
+    rounds = recipe.federation.rounds
 
     def evaluate(round_idx: int) -> float | None:
         if trainer.eval_rows is None or len(trainer.eval_rows) == 0:
@@ -165,17 +187,29 @@ def run_sft(recipe: Recipe, console: Console | None = None) -> RunResult:
         metrics.write({"type": "eval", "round": round_idx, "eval_loss": loss})
         return loss
 
+    if client_dp is not None:
+        console.print(client_dp.describe() + f"; {rounds} rounds planned")
+        metrics.write(
+            {"type": "privacy", "unit": "client", "sigma": client_dp.sigma, "q": client_dp.sample_rate}
+        )
     with console.status("held-out loss before training"):
         before = evaluate(0)
-    rounds = recipe.federation.rounds
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     loop_started = time.perf_counter()
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("round", total=rounds)
         for round_idx in range(rounds):
+            if client_dp is not None and not client_dp.budget_left_for_a_round():
+                console.print(
+                    f"privacy budget: another round would take ε past {recipe.privacy.target_epsilon} "
+                    f"(spent {client_dp.epsilon():.3f}); stopping after round {round_idx}"
+                )
+                rounds = round_idx
+                break
             glob, _ = federation.run_round(round_idx, glob)
             last = metrics.of_type("round")[-1]
-            progress.update(task, advance=1, description=f"round {round_idx + 1} loss {last['loss']:.4f}")
+            loss = "-" if last["loss"] is None else f"{last['loss']:.4f}"
+            progress.update(task, advance=1, description=f"round {round_idx + 1} loss {loss}")
             done = round_idx + 1
             if recipe.eval.every and done % recipe.eval.every == 0 and done < rounds:
                 evaluate(done)
@@ -195,6 +229,8 @@ def run_sft(recipe: Recipe, console: Console | None = None) -> RunResult:
     metrics.write(
         {
             "type": "summary",
+            "rounds": rounds,
+            "epsilon": None if client_dp is None else client_dp.epsilon(),
             "eval_before": before,
             "eval_after": after,
             "rounds_wall_s": round(loop_s, 3),

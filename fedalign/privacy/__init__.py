@@ -1,0 +1,1 @@
+"""Differential privacy: accounting, ledgers and the private gradient step."""
