@@ -74,6 +74,7 @@ def _quiet_libraries() -> None:
     datasets.disable_progress_bars()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
 
 
 def main() -> None:

@@ -22,23 +22,30 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 
 from fedalign.algorithms.base import Tensors
-from fedalign.recipe import TrainSection
+from fedalign.errors import RecipeError
+from fedalign.privacy.dpsgd import PrivateGradientStep, assert_only_lora_changed, poisson_batches, snapshot
+from fedalign.recipe import PrivacySection, TrainSection
 
 _COLUMNS = ["input_ids", "labels"]
 
 
 @dataclass
 class LocalResult:
-    """What one client visit did: losses per optimizer step and the data it consumed."""
+    """What one client visit did: its optimizer steps, their losses, the data it consumed.
 
+    Under DP a step whose Poisson draw is empty still happens (a noise-only update) but has no loss, so
+    ``losses`` may be shorter than ``steps``.
+    """
+
+    steps: int
     losses: list[float]
     examples: int
     tokens: int
     optimizer_state: Tensors = field(default_factory=dict)
 
     @property
-    def mean_loss(self) -> float:
-        return sum(self.losses) / len(self.losses)
+    def mean_loss(self) -> float | None:
+        return sum(self.losses) / len(self.losses) if self.losses else None
 
 
 class VisitBatches:
@@ -115,6 +122,10 @@ class SFTLocalTrainer:
             processing_class=tokenizer,
         )
         self.model = self.trainer.model
+        self._privacy: tuple[PrivacySection, float] | None = None
+        self._private: PrivateGradientStep | None = None
+        self._private_for: tuple[str, ...] = ()
+        self._guard_passed = False
         if train.gradient_checkpointing:
             self._enable_activation_checkpointing()
         tokenized = self.trainer.train_dataset
@@ -129,13 +140,16 @@ class SFTLocalTrainer:
             sorted({r["row_id"] for r in eval_records} - set(evaluation["row_id"])) if eval_records else []
         )
 
-    def _enable_activation_checkpointing(self) -> None:
-        """What ``Trainer.train()`` would do at its start (we never call it): checkpoint activations."""
+    def _enable_activation_checkpointing(self, reentrant: bool = False) -> None:
+        """What ``Trainer.train()`` would do at its start (we never call it): checkpoint activations.
+
+        Per-sample gradient hooks see nothing through non-reentrant checkpointing, so DP asks for reentrant.
+        """
         args = self.trainer.args
         kwargs = dict(
             getattr(args, "activation_checkpointing_kwargs", None) or args.gradient_checkpointing_kwargs or {}
         )
-        kwargs.setdefault("use_reentrant", False)
+        kwargs["use_reentrant"] = reentrant
         enable = getattr(self.model, "activation_checkpointing_enable", None)
         if enable is not None:
             enable(activation_checkpointing_kwargs=kwargs)
@@ -166,26 +180,77 @@ class SFTLocalTrainer:
             if entries and param.requires_grad:
                 optimizer.state[param] = {k: v.to(param.device) for k, v in entries.items()}
 
+    def make_private(self, privacy: PrivacySection, noise_multiplier: float) -> None:
+        """Switch local training to DP-SGD (per-sample clipping, Gaussian noise, Poisson sampling)."""
+        if self.train_cfg.gradient_accumulation_steps != 1:
+            raise RecipeError("train.gradient_accumulation_steps: must be 1 under privacy.unit 'example'")
+        if self.train_cfg.gradient_checkpointing:
+            self._enable_activation_checkpointing(reentrant=True)
+        self._privacy = (privacy, noise_multiplier)
+
+    def _private_step(self, noise: torch.Generator) -> PrivateGradientStep:
+        """The per-sample gradient hooks for the current trainable set (re-attached if it changed)."""
+        trainable = tuple(n for n, p in self.model.named_parameters() if p.requires_grad)
+        if self._private is None or self._private_for != trainable:
+            if self._private is not None:
+                self._private.detach()
+            privacy, sigma = self._privacy
+            self._private = PrivateGradientStep(
+                self.model,
+                clip_norm=privacy.clip_norm,
+                noise_multiplier=sigma,
+                unit="example",
+                noise_generator=noise,
+            )
+            self._private_for = trainable
+        self._private.generator = noise
+        return self._private
+
     def train(
-        self, rows: Dataset, steps: int, generator: torch.Generator, optimizer_state: Tensors | None = None
+        self,
+        rows: Dataset,
+        steps: int,
+        generator: torch.Generator,
+        optimizer_state: Tensors | None = None,
+        sample_rate: float | None = None,
     ) -> LocalResult:
-        """Run ``steps`` optimizer steps on ``rows`` with a new (or the given) optimizer state."""
-        trainer, cfg = self.trainer, self.train_cfg
+        """Run ``steps`` optimizer steps on ``rows`` with a new (or the given) optimizer state.
+
+        ``sample_rate`` (private runs only) is the Poisson rate at which each step draws the client's rows.
+        """
+        trainer = self.trainer
         trainer.optimizer, trainer.lr_scheduler = None, None
         trainer.create_optimizer_and_scheduler(num_training_steps=steps)
         if optimizer_state:
             self._load_optimizer_state(optimizer_state)
+        if self._privacy is None:
+            result = self._plain_steps(rows, steps, generator)
+        else:
+            assert sample_rate is not None
+            result = self._private_steps(rows, steps, generator, sample_rate)
+        for values in trainer._metrics["train"].values():  # TRL appends per-step metrics; we log our own
+            values.clear()
+        if self.train_cfg.optimizer_state == "persist":
+            result.optimizer_state = self._optimizer_state()
+        trainer.optimizer, trainer.lr_scheduler = None, None
+        return result
+
+    def _optimizer_step(self) -> None:
+        self.trainer.optimizer.step()
+        self.trainer.lr_scheduler.step()
+        self.model.zero_grad(set_to_none=True)
+
+    def _plain_steps(self, rows: Dataset, steps: int, generator: torch.Generator) -> LocalResult:
+        trainer, cfg = self.trainer, self.train_cfg
+        batch_count = steps * cfg.gradient_accumulation_steps
         loader = DataLoader(
             rows,
-            batch_sampler=VisitBatches(
-                len(rows), cfg.batch_size, steps * cfg.gradient_accumulation_steps, generator
-            ),
+            batch_sampler=VisitBatches(len(rows), cfg.batch_size, batch_count, generator),
             collate_fn=trainer.data_collator,
         )
         batches = iter(loader)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        losses: list[float] = []
-        examples = tokens = 0
+        result = LocalResult(steps=steps, losses=[], examples=0, tokens=0)
         for _ in range(steps):
             micro, num_items = trainer.get_batch_samples(
                 batches, cfg.gradient_accumulation_steps, trainer.args.device
@@ -193,20 +258,38 @@ class SFTLocalTrainer:
             trainer.current_gradient_accumulation_steps = len(micro)
             step_loss = torch.zeros((), device=trainer.args.device)
             for inputs in micro:
-                examples += int(inputs["input_ids"].shape[0])
-                tokens += int((inputs["labels"] != -100).sum())
+                result.examples += int(inputs["input_ids"].shape[0])
+                result.tokens += int((inputs["labels"] != -100).sum())
                 step_loss += trainer.training_step(self.model, inputs, num_items)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            trainer.optimizer.step()
-            trainer.lr_scheduler.step()
-            self.model.zero_grad(set_to_none=True)
-            losses.append(float(step_loss))
-        for values in trainer._metrics["train"].values():  # TRL appends per-step metrics; we log our own
-            values.clear()
-        state = self._optimizer_state() if cfg.optimizer_state == "persist" else {}
-        trainer.optimizer, trainer.lr_scheduler = None, None
-        return LocalResult(losses=losses, examples=examples, tokens=tokens, optimizer_state=state)
+            self._optimizer_step()
+            result.losses.append(float(step_loss))
+        return result
+
+    def _private_steps(
+        self, rows: Dataset, steps: int, generator: torch.Generator, sample_rate: float
+    ) -> LocalResult:
+        noise = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        private = self._private_step(noise)
+        device = self.trainer.args.device
+        result = LocalResult(steps=steps, losses=[], examples=0, tokens=0)
+        for indices in poisson_batches(len(rows), sample_rate, steps, generator):
+            inputs = None
+            if indices:
+                batch = self.trainer.data_collator([rows[i] for i in indices])
+                inputs = {k: v.to(device) for k, v in batch.items()}
+                result.examples += len(indices)
+                result.tokens += int((batch["labels"] != -100).sum())
+            guard = snapshot(self.model) if not self._guard_passed else None
+            info = private.step(inputs, expected_batch_size=sample_rate * len(rows))
+            self._optimizer_step()
+            if guard is not None and private.noise_multiplier > 0:
+                assert_only_lora_changed(guard, self.model)  # opacus#820: hooks attached to the placed model
+                self._guard_passed = True
+            if info.batch_size:
+                result.losses.append(info.mean_loss)
+        return result
 
     @torch.no_grad()
     def evaluate(self, rows: Dataset, batch_size: int) -> float:

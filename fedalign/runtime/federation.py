@@ -22,6 +22,7 @@ import torch
 from fedalign.algorithms.base import Algorithm, ClientState, Tensors, payload_bytes, weighted_sum
 from fedalign.models.adapter import AdapterSlots
 from fedalign.privacy.client_level import ClientLevelDP, clip_update
+from fedalign.privacy.example_level import ExampleLevelDP
 from fedalign.recipe import FederationSection
 from fedalign.runtime.metrics import MetricsLog, peak_memory_mib
 from fedalign.runtime.state import ClientStateStore
@@ -52,6 +53,17 @@ class Visit:
     bytes_down: int = 0
     wall_s: float = 0.0
     update_norm: float | None = None  # before clipping, under client-level DP
+    epsilon: float | None = None  # the client's ε so far, under example-level DP
+
+
+def _mean_loss(visits: list[Visit]) -> float | None:
+    """Clients' mean losses weighted by the examples they saw (None when no client produced a loss)."""
+    scored = [v for v in visits if v.result.mean_loss is not None and v.result.examples]
+    if not scored:
+        return None
+    return sum(v.result.mean_loss * v.result.examples for v in scored) / sum(
+        v.result.examples for v in scored
+    )
 
 
 class Federation:
@@ -69,13 +81,15 @@ class Federation:
         persist_optimizer: bool,
         device: torch.device,
         client_dp: ClientLevelDP | None = None,
+        example_dp: ExampleLevelDP | None = None,
     ) -> None:
         self.algorithm, self.slots, self.trainer = algorithm, slots, trainer
         self.client_rows, self.cfg, self.store, self.metrics = client_rows, federation, store, metrics
         self.seed, self.persist_optimizer, self.device = seed, persist_optimizer, device
         self.sampler = np.random.default_rng(np.random.SeedSequence([seed, 1]))
-        self.client_dp = client_dp
+        self.client_dp, self.example_dp = client_dp, example_dp
         self.epsilon: float | None = None
+        self.out_of_budget: list[int] = []
 
     def sample(self) -> list[int]:
         chosen = self.sampler.choice(self.cfg.num_clients, size=self.cfg.clients_per_round, replace=False)
@@ -95,15 +109,19 @@ class Federation:
         self.slots.set_trainable(self.algorithm.trainable(round_idx))
         seed = visit_seed(self.seed, client, round_idx)
         torch.manual_seed(seed)  # dropout inside the visit
+        rate = None if self.example_dp is None else self.example_dp.sample_rates[client]
         result = self.trainer.train(
             self.client_rows[client],
             self.cfg.local_steps,
             torch.Generator().manual_seed(seed),
             state.optimizer if self.persist_optimizer else None,
+            **({} if rate is None else {"sample_rate": rate}),
         )
         if self.persist_optimizer:
             state.optimizer = result.optimizer_state
         visit = Visit(client, weight, self.slots.read(), state, result, bytes_down=payload_bytes(received))
+        if self.example_dp is not None:
+            visit.epsilon = self.example_dp.record_visit(client, result.steps)
         visit.wall_s = time.perf_counter() - started
         return visit
 
@@ -112,6 +130,9 @@ class Federation:
         started = time.perf_counter()
         private = self.client_dp is not None
         clients = self.client_dp.sample(self.sampler) if self.client_dp is not None else self.sample()
+        if self.example_dp is not None:  # a client whose next visit would cross its budget is not trained
+            self.out_of_budget = [c for c in clients if not self.example_dp.can_visit(c)]
+            clients = [c for c in clients if c not in self.out_of_budget]
         received = self.algorithm.broadcast(round_idx, glob)
         weights = [1.0] * len(clients) if private else self._weights(clients)
         visits = [
@@ -175,9 +196,9 @@ class Federation:
                     "client": v.client,
                     "weight": v.weight,
                     "loss": v.result.mean_loss,
-                    "loss_first": v.result.losses[0],
-                    "loss_last": v.result.losses[-1],
-                    "steps": len(v.result.losses),
+                    "loss_first": v.result.losses[0] if v.result.losses else None,
+                    "loss_last": v.result.losses[-1] if v.result.losses else None,
+                    "steps": v.result.steps,
                     "examples": v.result.examples,
                     "tokens": v.result.tokens,
                     "bytes_up": v.bytes_up,
@@ -185,6 +206,11 @@ class Federation:
                     "wall_s": round(v.wall_s, 4),
                     "peak_mem_mib": round(peak, 1),
                     **({} if v.update_norm is None else {"update_norm": v.update_norm}),
+                    **(
+                        {}
+                        if v.epsilon is None
+                        else {"epsilon": v.epsilon, "empty_draws": v.result.steps - len(v.result.losses)}
+                    ),
                 }
             )
         self.metrics.write(
@@ -192,20 +218,21 @@ class Federation:
                 "type": "round",
                 "round": round_idx + 1,
                 "clients": [v.client for v in visits],
-                "loss": (
-                    sum(v.result.mean_loss * v.result.examples for v in visits)
-                    / sum(v.result.examples for v in visits)
-                    if visits
-                    else None
-                ),
+                "loss": _mean_loss(visits),
                 "examples": sum(v.result.examples for v in visits),
                 "bytes_up": sum(v.bytes_up for v in visits),
                 "bytes_down": sum(v.bytes_down for v in visits),
                 "wall_s": round(wall_s, 4),
                 "peak_mem_mib": round(peak, 1),
                 **({} if self.epsilon is None else {"epsilon": self.epsilon}),
+                **self._example_privacy_record(),
             }
         )
+
+    def _example_privacy_record(self) -> dict[str, Any]:
+        if self.example_dp is None:
+            return {}
+        return {"epsilon_max": self.example_dp.max_epsilon(), "out_of_budget": self.out_of_budget}
 
     def server_state(self, round_idx: int) -> dict[str, Any]:
         """What a checkpoint needs besides the global adapter to continue this run exactly."""

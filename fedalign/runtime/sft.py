@@ -36,6 +36,7 @@ from fedalign.errors import DataError, RecipeError
 from fedalign.models.adapter import AdapterSlots
 from fedalign.models.loading import check_model_reachable, load_model, resolve_device
 from fedalign.privacy.client_level import ClientLevelDP
+from fedalign.privacy.example_level import ExampleLevelDP
 from fedalign.recipe import Recipe
 from fedalign.runtime.federation import Federation
 from fedalign.runtime.metrics import MetricsLog
@@ -90,21 +91,35 @@ def _save_adapter(model, tokenizer, run_dir: Path) -> Path:
 
 
 def _privacy_for_sft(recipe: Recipe) -> ClientLevelDP | None:
-    """The privacy mechanism an SFT run uses; refuses units that make no sense here, before anything loads."""
+    """The client-level mechanism, if any; refuses units that make no sense for SFT before anything loads."""
     unit = recipe.privacy.unit
     if unit == "pair":
         raise RecipeError(
             "privacy.unit: 'pair' protects DPO preference pairs; use 'example' or 'client' for SFT"
         )
-    if unit == "example":
+    if unit == "example" and recipe.privacy.sampling != "poisson":
         raise RecipeError(
-            "privacy.unit: 'example' (DP-SGD in local steps) is not yet available; use 'client'"
+            "privacy.sampling: DP-SGD here is accounted for Poisson sampling only; use 'poisson'"
         )
+    if unit == "example" and recipe.train.gradient_accumulation_steps != 1:
+        raise RecipeError("train.gradient_accumulation_steps: must be 1 under privacy.unit 'example'")
     if unit == "client":
         return ClientLevelDP(
             recipe.privacy, recipe.federation, recipe.seed, algorithms.build(recipe.algorithm)
         )
     return None
+
+
+def _plan_example_privacy(recipe: Recipe, client_sizes: list[int]) -> ExampleLevelDP | None:
+    if recipe.privacy.unit != "example":
+        return None
+    smallest = min(client_sizes)
+    if recipe.privacy.delta >= 1 / smallest:
+        raise RecipeError(
+            f"privacy.delta: must be < 1/n for every client's n (smallest client has {smallest} rows, "
+            f"got {recipe.privacy.delta})"
+        )
+    return ExampleLevelDP.plan(recipe.privacy, recipe.federation, recipe.train, client_sizes)
 
 
 def run_sft(recipe: Recipe, console: Console | None = None) -> RunResult:
@@ -147,6 +162,9 @@ def run_sft(recipe: Recipe, console: Console | None = None) -> RunResult:
         )
     partition = make_partition(kept, recipe.partition, recipe.federation.num_clients, recipe.seed)
     algorithm = algorithms.build(recipe.algorithm)
+    example_dp = _plan_example_privacy(recipe, partition.sizes())
+    if example_dp is not None:
+        trainer.make_private(recipe.privacy, example_dp.sigma)
 
     run_dir = new_run_dir(recipe)
     write_text_atomic(recipe.resolved_yaml(), run_dir / "recipe.yaml")
@@ -175,6 +193,7 @@ def run_sft(recipe: Recipe, console: Console | None = None) -> RunResult:
         persist_optimizer=recipe.train.optimizer_state == "persist",
         device=device,
         client_dp=client_dp,
+        example_dp=example_dp,
     )
     glob = algorithm.init_global(slots.read())
     rounds = recipe.federation.rounds
@@ -192,6 +211,17 @@ def run_sft(recipe: Recipe, console: Console | None = None) -> RunResult:
         metrics.write(
             {"type": "privacy", "unit": "client", "sigma": client_dp.sigma, "q": client_dp.sample_rate}
         )
+    if example_dp is not None:
+        console.print(example_dp.describe() + f"; {example_dp.planned_steps} local steps planned per client")
+        metrics.write(
+            {
+                "type": "privacy",
+                "unit": "example",
+                "sigma": example_dp.sigma,
+                "q": example_dp.sample_rates,
+                "planned_steps": example_dp.planned_steps,
+            }
+        )
     with console.status("held-out loss before training"):
         before = evaluate(0)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
@@ -206,7 +236,16 @@ def run_sft(recipe: Recipe, console: Console | None = None) -> RunResult:
                 )
                 rounds = round_idx
                 break
+            if example_dp is not None and not example_dp.anyone_can_visit():
+                console.print(
+                    "privacy budget: no client can take another visit within "
+                    f"ε={recipe.privacy.target_epsilon}; stopping after round {round_idx}"
+                )
+                rounds = round_idx
+                break
             glob, _ = federation.run_round(round_idx, glob)
+            if example_dp is not None:
+                write_text_atomic(json.dumps(example_dp.to_json()), run_dir / "privacy_ledgers.json")
             last = metrics.of_type("round")[-1]
             loss = "-" if last["loss"] is None else f"{last['loss']:.4f}"
             progress.update(task, advance=1, description=f"round {round_idx + 1} loss {loss}")
@@ -230,7 +269,13 @@ def run_sft(recipe: Recipe, console: Console | None = None) -> RunResult:
         {
             "type": "summary",
             "rounds": rounds,
-            "epsilon": None if client_dp is None else client_dp.epsilon(),
+            "epsilon": (
+                client_dp.epsilon()
+                if client_dp is not None
+                else example_dp.max_epsilon()
+                if example_dp is not None
+                else None
+            ),
             "eval_before": before,
             "eval_after": after,
             "rounds_wall_s": round(loop_s, 3),

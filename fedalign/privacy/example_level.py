@@ -1,0 +1,84 @@
+"""Example-level (SFT) and pair-level (DPO) DP: DP-SGD inside each client's local steps, accounted per client.
+
+The protected unit is one row of one client's data, against everything that client ever releases. Each
+client Poisson-samples its own rows at q_i = batch_size / n_i and every local step spends (σ, q_i, 1) on
+*that client's* ledger; the FedASK code instead calibrates to the expected number of participations and
+never checks, so a client picked more often overshoots. One σ serves all clients: it is calibrated for the
+client with the largest q_i (the smallest) over the planned number of local steps,
+rounds · local_steps · clients_per_round / num_clients. A client whose next visit would cross
+``target_epsilon`` is not trained again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fedalign.privacy.accounting import Ledger, calibrate_noise
+from fedalign.recipe import FederationSection, PrivacySection, TrainSection
+
+
+@dataclass
+class ExampleLevelDP:
+    cfg: PrivacySection
+    sigma: float
+    sample_rates: list[float]  # per client
+    local_steps: int
+    planned_steps: int
+    ledgers: dict[int, Ledger] = field(default_factory=dict)
+    spent: dict[int, float] = field(default_factory=dict)  # ε per client after its last visit (PRV is slow)
+
+    @classmethod
+    def plan(
+        cls,
+        privacy: PrivacySection,
+        federation: FederationSection,
+        train: TrainSection,
+        client_sizes: list[int],
+    ) -> ExampleLevelDP:
+        rates = [min(1.0, train.batch_size / n) for n in client_sizes]
+        visits = federation.rounds * federation.clients_per_round / federation.num_clients
+        planned = max(1, round(visits * federation.local_steps))
+        if privacy.noise_multiplier is not None:
+            sigma = privacy.noise_multiplier
+        else:
+            assert privacy.target_epsilon is not None
+            sigma = calibrate_noise(
+                privacy.target_epsilon, privacy.delta, max(rates), planned, privacy.accountant
+            )
+        return cls(privacy, sigma, rates, federation.local_steps, planned)
+
+    def describe(self) -> str:
+        return (
+            f"{self.cfg.unit}-level DP-SGD: σ={self.sigma:.4f}, q per client "
+            f"{min(self.sample_rates):.4g}..{max(self.sample_rates):.4g}, C={self.cfg.clip_norm}, "
+            f"δ={self.cfg.delta}, {self.cfg.accountant.upper()} accountant"
+        )
+
+    def ledger(self, client: int) -> Ledger:
+        return self.ledgers.setdefault(client, Ledger())
+
+    def can_visit(self, client: int) -> bool:
+        if self.cfg.target_epsilon is None:
+            return True
+        after = self.ledger(client).epsilon_after(
+            self.sigma, self.sample_rates[client], self.local_steps, self.cfg.delta, self.cfg.accountant
+        )
+        return after <= self.cfg.target_epsilon
+
+    def anyone_can_visit(self) -> bool:
+        return any(self.can_visit(c) for c in range(len(self.sample_rates)))
+
+    def record_visit(self, client: int, steps: int) -> float:
+        """Spend the steps a visit actually took (empty Poisson draws included); returns the client's ε."""
+        self.ledger(client).spend(self.sigma, self.sample_rates[client], steps)
+        self.spent[client] = self.epsilon(client)
+        return self.spent[client]
+
+    def epsilon(self, client: int) -> float:
+        return self.ledger(client).epsilon(self.cfg.delta, self.cfg.accountant)
+
+    def max_epsilon(self) -> float:
+        return max(self.spent.values(), default=0.0)
+
+    def to_json(self) -> dict[str, list[list[float]]]:
+        return {str(c): ledger.to_json() for c, ledger in self.ledgers.items()}
