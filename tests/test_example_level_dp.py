@@ -40,6 +40,8 @@ def test_reported_epsilon_matches_an_independent_accountant(base_recipe: dict, a
         assert reported == pytest.approx(independent.get_epsilon(delta=1e-3), rel=0.01)
         assert sum(steps for _, _, steps in ledgers[str(client)]) == visits * 3
         assert reported <= 6.0
+    checkpoint = json.loads((result.run_dir / "checkpoints" / "round-00003" / "server.json").read_text())
+    assert checkpoint["privacy_ledgers"] == ledgers  # ledgers are run state, saved with every checkpoint
 
 
 def test_a_small_budget_stops_clients_before_they_exceed_it(base_recipe: dict) -> None:

@@ -236,4 +236,9 @@ class Federation:
 
     def server_state(self, round_idx: int) -> dict[str, Any]:
         """What a checkpoint needs besides the global adapter to continue this run exactly."""
-        return {"round": round_idx + 1, "sampler": self.sampler.bit_generator.state}
+        state: dict[str, Any] = {"round": round_idx + 1, "sampler": self.sampler.bit_generator.state}
+        if self.client_dp is not None:
+            state["privacy_ledger"] = self.client_dp.ledger.to_json()
+        if self.example_dp is not None:
+            state["privacy_ledgers"] = self.example_dp.to_json()
+        return state
