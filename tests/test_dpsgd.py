@@ -279,3 +279,32 @@ def test_non_reentrant_checkpointing_is_refused_reentrant_is_exact(rows, collate
     with step_for(model, 0.2) as private:
         private.step(collate(rows), expected_batch_size=3.0)
     assert rel_err(flat_grad(model), expected) < 1e-5
+
+
+def test_no_clip_no_noise_equals_trls_own_sft_gradient(tokenizer, rows, collate, tmp_path) -> None:
+    """For one sequence, TRL's batch token mean is that sequence's own mean: the gradients must agree."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    model = make_model()
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows[:1]), processing_class=tokenizer
+    )
+    batch = collate(rows[:1])
+    _, num_items = trainer.get_batch_samples(iter([batch]), 1, trainer.args.device)
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.training_step(trainer.model, dict(batch), num_items)
+    trl_grad = flat_grad(trainer.model).clone()
+    trainer.model.zero_grad(set_to_none=True)
+    with step_for(trainer.model, clip=math.inf) as private:
+        private.step(dict(batch), expected_batch_size=1.0)
+    assert rel_err(flat_grad(trainer.model), trl_grad) < 1e-5
