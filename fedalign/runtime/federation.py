@@ -32,7 +32,12 @@ class LocalTrainer(Protocol):
     """What the runtime needs from local training (SFT today, DPO later)."""
 
     def train(
-        self, rows: Any, steps: int, generator: torch.Generator, optimizer_state: Tensors | None
+        self,
+        rows: Any,
+        steps: int,
+        generator: torch.Generator,
+        optimizer_state: Tensors | None,
+        sample_rate: float | None = None,
     ) -> Any: ...
 
 
@@ -115,7 +120,7 @@ class Federation:
             self.cfg.local_steps,
             torch.Generator().manual_seed(seed),
             state.optimizer if self.persist_optimizer else None,
-            **({} if rate is None else {"sample_rate": rate}),
+            sample_rate=rate,
         )
         if self.persist_optimizer:
             state.optimizer = result.optimizer_state

@@ -1,0 +1,97 @@
+"""An offline tiny LLaVA (CLIP vision tower + projector + small Llama) and its processor, for tests.
+
+Built from configs, never downloaded, exactly as stack-notes §2 describes: a 2-layer CLIP vision tower on
+32×32 images with 8×8 patches (16 patch features, so ``<image>`` expands to 16 tokens), a 2-layer Llama
+text model, and a ``LlavaProcessor`` on the embedded tiny-Llama tokenizer with ``<image>`` added as a
+special token. Only the PIL image processor is used, so torchvision is not needed.
+
+It exists so that the DP-SGD acceptance test and the DPO issue (which will reuse it) exercise the
+multimodal path on the same model. :data:`LLAVA_LORA_TARGETS` is the LoRA target regex from §2: the plain
+list ``["q_proj", "v_proj", "linear_1", "linear_2"]`` also matches the vision tower's q/v projections,
+whereas the regex hits only the language model's q/v and the projector, leaving the vision tower frozen.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoTokenizer,
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerBase,
+)
+
+IMAGE_TOKEN = "<image>"
+IMAGE_SIZE, PATCH_SIZE = 32, 8
+
+LLAVA_LORA_TARGETS = r".*language_model.*\.(q_proj|v_proj)|.*multi_modal_projector\.(linear_1|linear_2)"
+"""PEFT ``target_modules`` regex: LM q_proj/v_proj and projector linear_1/linear_2, never the vision tower."""
+
+_DEFAULT_TOKENIZER = Path(__file__).resolve().parents[2] / "data" / "tiny-llama"
+
+
+def build_tiny_llava(
+    tokenizer_dir: str | Path = _DEFAULT_TOKENIZER, seed: int = 0
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A randomly initialised tiny LLaVA (about 244k parameters) and a processor that matches it.
+
+    ``tokenizer_dir`` holds the tiny-Llama tokenizer (and its chat template); ``<image>`` is added to it as a
+    special token. Weights are drawn under a forked RNG seeded with ``seed``, so the caller's global torch
+    RNG is neither used nor disturbed. The model is returned in eval mode, in float32, on the CPU.
+    """
+    tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+    model.eval()
+
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # the CLS token, dropped by the "default" strategy
+        chat_template=tokenizer.chat_template,
+        image_token=IMAGE_TOKEN,
+    )
+    return model, processor
