@@ -56,3 +56,47 @@ def test_payload_bytes_counts_tensor_data() -> None:
     assert (
         payload_bytes({A: torch.zeros(4, 16), B: torch.zeros(16, 4, dtype=torch.bfloat16)}) == 4 * 64 + 2 * 64
     )
+
+
+def _drive(name: str, glob: dict, trained: list[dict], weights: list[float], round_idx: int, **config):
+    """One round of a one-stage algorithm, as the runtime drives it: uploads, weighted sum, server step."""
+    algorithm = build(registry()[name].config_class(name=name, **config))
+    algorithm.init_global(glob)
+    uploads = [algorithm.client_upload(0, round_idx, t, {}, ClientState()) for t in trained]
+    return algorithm, algorithm.server_step(0, round_idx, weighted_sum(uploads, weights), glob), uploads
+
+
+def test_rolora_alternates_by_round_index_and_aggregates_exactly() -> None:
+    algorithm = build(registry()["rolora"].config_class())
+    assert [algorithm.trainable(t) for t in range(4)] == [frozenset({"B"}), frozenset({"A"})] * 2
+    assert build(registry()["rolora"].config_class(first="A")).trainable(0) == frozenset({"A"})
+    g = torch.Generator().manual_seed(0)
+    shared_a, shared_b = torch.randn(2, 3, generator=g), torch.randn(4, 2, generator=g)
+    glob = {A: shared_a, B: shared_b}
+    weights = [0.2, 0.5, 0.3]
+    # Round 0 trains B against the shared A; round 1 trains A against the shared B.
+    for round_idx, factor in ((0, B), (1, A)):
+        trained = [
+            {**glob, factor: glob[factor] + torch.randn(glob[factor].shape, generator=g)} for _ in weights
+        ]
+        _, new, uploads = _drive("rolora", glob, trained, weights, round_idx)
+        assert all(set(u) == {factor} for u in uploads)
+        dense = sum(w * t[B] @ t[A] for w, t in zip(weights, trained, strict=True))
+        assert torch.allclose(new[B] @ new[A], dense, atol=1e-6)
+
+
+def test_fedsa_keeps_b_on_the_client_and_gives_it_back() -> None:
+    algorithm = build(registry()["fedsa"].config_class())
+    glob = algorithm.init_global({A: torch.ones(1, 2), B: torch.zeros(2, 1)})
+    received = algorithm.broadcast(0, glob)
+    assert set(received) == {A}
+    state = ClientState()
+    start = algorithm.local_start(0, received, state)
+    assert torch.equal(start[B], torch.zeros(2, 1))  # first visit: the shared initial B
+    trained = {A: torch.full((1, 2), 3.0), B: torch.tensor([[5.0], [7.0]])}
+    assert set(algorithm.client_upload(0, 0, trained, {}, state)) == {A}
+    state = algorithm.local_end(0, trained, state)
+    again = algorithm.local_start(1, {A: torch.full((1, 2), 2.0)}, state)
+    assert torch.equal(again[B], trained[B]) and torch.equal(again[A], torch.full((1, 2), 2.0))
+    _, new, _ = _drive("fedsa", glob, [trained, {**trained, A: torch.ones(1, 2)}], [0.5, 0.5], 0)
+    assert torch.equal(new[A], torch.full((1, 2), 2.0)) and torch.equal(new[B], glob[B])

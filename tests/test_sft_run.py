@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
+from fedalign.algorithms import registry
 from fedalign.data.sources import load_examples
 from fedalign.models.adapter import AdapterSlots
 from fedalign.models.loading import attach_lora, load_tokenizer
@@ -169,3 +170,14 @@ def test_ffa_keeps_a_at_its_shared_initialisation(base_recipe: dict) -> None:
     clients = _records(result.run_dir / "metrics.jsonl", "client")
     b_bytes = sum(v.numel() * 4 for k, v in final.items() if ".lora_B." in k)
     assert all(r["bytes_up"] == r["bytes_down"] == b_bytes for r in clients)
+
+
+@pytest.mark.parametrize("name", sorted(registry()))
+def test_every_algorithm_runs_two_rounds_on_the_tiny_model(base_recipe: dict, name: str) -> None:
+    base_recipe["algorithm"] = {"name": name}
+    base_recipe["data"]["max_rows"] = 60
+    result = _run(base_recipe)
+    rounds = _records(result.run_dir / "metrics.jsonl", "round")
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in rounds)
+    assert (result.run_dir / "adapter" / "adapter_model.safetensors").is_file()
