@@ -100,3 +100,11 @@ def test_fedsa_keeps_b_on_the_client_and_gives_it_back() -> None:
     assert torch.equal(again[B], trained[B]) and torch.equal(again[A], torch.full((1, 2), 2.0))
     _, new, _ = _drive("fedsa", glob, [trained, {**trained, A: torch.ones(1, 2)}], [0.5, 0.5], 0)
     assert torch.equal(new[A], torch.full((1, 2), 2.0)) and torch.equal(new[B], glob[B])
+
+
+def test_fedprox_pulls_towards_the_global_adapter() -> None:
+    received = {A: torch.ones(1, 2), B: torch.zeros(2, 1)}
+    term = build(registry()["fedprox"].config_class(mu=0.5)).gradient_term(0, received, ClientState())
+    assert term is not None
+    assert torch.equal(term(A, torch.full((1, 2), 3.0)), torch.full((1, 2), 1.0))  # 0.5 * (3 - 1)
+    assert build(registry()["fedprox"].config_class(mu=0.0)).gradient_term(0, received, ClientState()) is None

@@ -181,3 +181,20 @@ def test_every_algorithm_runs_two_rounds_on_the_tiny_model(base_recipe: dict, na
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in rounds)
     assert (result.run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_fedprox_with_mu_zero_is_fedavg_and_mu_pulls_updates_in(base_recipe: dict) -> None:
+    adapters = {}
+    for name, mu in (("fedavg", None), ("fedprox", 0.0), ("fedprox", 50.0)):
+        base_recipe["algorithm"] = {"name": name} if mu is None else {"name": name, "mu": mu}
+        adapters[(name, mu)] = AdapterSlots(_run(base_recipe).model).read()
+    initial = AdapterSlots(
+        attach_lora(AutoModelForCausalLM.from_pretrained(TINY_MODEL), validate_recipe(base_recipe).lora, 42)
+    ).read()
+    fedavg, prox0, prox = adapters[("fedavg", None)], adapters[("fedprox", 0.0)], adapters[("fedprox", 50.0)]
+    assert all(torch.equal(fedavg[k], prox0[k]) for k in fedavg)
+
+    def moved(adapter: dict) -> float:
+        return float(sum((adapter[k] - initial[k]).norm() for k in adapter))
+
+    assert moved(prox) < 0.9 * moved(fedavg)

@@ -15,6 +15,7 @@ To add an algorithm, write one module in this package that defines a config (a p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ConfigDict
 
 Tensors = dict[str, torch.Tensor]
 Factor = Literal["A", "B"]
+GradientTerm = Callable[[str, torch.Tensor], torch.Tensor]  # (key, current value) -> gradient to add
 
 
 class AlgorithmConfig(BaseModel):
@@ -124,6 +126,12 @@ class Algorithm:
 
     def local_end(self, round_idx: int, trained: Tensors, state: ClientState) -> ClientState:
         return state
+
+    def gradient_term(self, round_idx: int, received: Tensors, state: ClientState) -> GradientTerm | None:
+        """An extra gradient for each trainable LoRA tensor at every local step (FedProx's proximal pull,
+        SCAFFOLD's control variates), added after the data gradient (and after DP noise: it is a function
+        of public values and the model, so privacy is unaffected). ``None``: plain local training."""
+        return None
 
 
 _REGISTRY: dict[str, type[Algorithm]] = {}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -126,6 +126,7 @@ class SFTLocalTrainer:
         self._private: PrivateGradientStep | None = None
         self._private_for: tuple[str, ...] = ()
         self._guard_passed = False
+        self._before_step: Callable[[], None] | None = None
         if train.gradient_checkpointing:
             self._enable_activation_checkpointing()
         tokenized = self.trainer.train_dataset
@@ -213,11 +214,15 @@ class SFTLocalTrainer:
         generator: torch.Generator,
         optimizer_state: Tensors | None = None,
         sample_rate: float | None = None,
+        before_step: Callable[[], None] | None = None,
     ) -> LocalResult:
         """Run ``steps`` optimizer steps on ``rows`` with a new (or the given) optimizer state.
 
-        ``sample_rate`` (private runs only) is the Poisson rate at which each step draws the client's rows.
+        ``sample_rate`` (private runs only) is the Poisson rate at which each step draws the client's rows;
+        ``before_step`` runs after the gradient is formed and before the optimizer uses it (the algorithm's
+        extra gradient term).
         """
+        self._before_step = before_step
         trainer = self.trainer
         trainer.optimizer, trainer.lr_scheduler = None, None
         trainer.create_optimizer_and_scheduler(num_training_steps=steps)
@@ -236,6 +241,8 @@ class SFTLocalTrainer:
         return result
 
     def _optimizer_step(self) -> None:
+        if self._before_step is not None:
+            self._before_step()
         self.trainer.optimizer.step()
         self.trainer.lr_scheduler.step()
         self.model.zero_grad(set_to_none=True)
@@ -263,7 +270,7 @@ class SFTLocalTrainer:
                 step_loss += trainer.training_step(self.model, inputs, num_items)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            self._optimizer_step()
+            self._optimizer_step()  # the algorithm's term comes after clipping, as in DP where it must
             result.losses.append(float(step_loss))
         return result
 

@@ -13,13 +13,21 @@ every checkpoint), and each visit's data order and dropout come from a seed deri
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from fedalign.algorithms.base import Algorithm, ClientState, Tensors, payload_bytes, weighted_sum
+from fedalign.algorithms.base import (
+    Algorithm,
+    ClientState,
+    GradientTerm,
+    Tensors,
+    payload_bytes,
+    weighted_sum,
+)
 from fedalign.models.adapter import AdapterSlots
 from fedalign.privacy.client_level import ClientLevelDP, clip_update
 from fedalign.privacy.example_level import ExampleLevelDP
@@ -38,6 +46,7 @@ class LocalTrainer(Protocol):
         generator: torch.Generator,
         optimizer_state: Tensors | None,
         sample_rate: float | None = None,
+        before_step: Callable[[], None] | None = None,
     ) -> Any: ...
 
 
@@ -115,12 +124,14 @@ class Federation:
         seed = visit_seed(self.seed, client, round_idx)
         torch.manual_seed(seed)  # dropout inside the visit
         rate = None if self.example_dp is None else self.example_dp.sample_rates[client]
+        term = self.algorithm.gradient_term(round_idx, received, state)
         result = self.trainer.train(
             self.client_rows[client],
             self.cfg.local_steps,
             torch.Generator().manual_seed(seed),
             state.optimizer if self.persist_optimizer else None,
             sample_rate=rate,
+            before_step=None if term is None else self._gradient_term_applier(term),
         )
         if self.persist_optimizer:
             state.optimizer = result.optimizer_state
@@ -129,6 +140,15 @@ class Federation:
             visit.epsilon = self.example_dp.record_visit(client, result.steps)
         visit.wall_s = time.perf_counter() - started
         return visit
+
+    def _gradient_term_applier(self, term: GradientTerm) -> Callable[[], None]:
+        def apply() -> None:
+            with torch.no_grad():
+                for key, param in self.slots.named_trainable().items():
+                    extra = term(key, param.detach())
+                    param.grad = extra.clone() if param.grad is None else param.grad + extra
+
+        return apply
 
     def run_round(self, round_idx: int, glob: Tensors) -> tuple[Tensors, list[Visit]]:
         """One round: returns the new global adapter and the visits (for metrics)."""
