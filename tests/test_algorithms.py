@@ -108,3 +108,34 @@ def test_fedprox_pulls_towards_the_global_adapter() -> None:
     assert term is not None
     assert torch.equal(term(A, torch.full((1, 2), 3.0)), torch.full((1, 2), 1.0))  # 0.5 * (3 - 1)
     assert build(registry()["fedprox"].config_class(mu=0.0)).gradient_term(0, received, ClientState()) is None
+
+
+def test_scaffold_variates_follow_option_two() -> None:
+    from fedalign.algorithms import RunContext
+
+    context = RunContext(num_clients=4, clients_per_round=2, local_steps=2, learning_rate=0.5)
+    algorithm = build(registry()["scaffold"].config_class(), context)
+    glob = algorithm.init_global({A: torch.zeros(1, 2), B: torch.zeros(2, 1)})
+    trained = [
+        {A: torch.tensor([[1.0, 0.0]]), B: torch.tensor([[0.0], [2.0]])},
+        {A: torch.tensor([[3.0, 0.0]]), B: torch.tensor([[2.0], [0.0]])},
+    ]
+    states, uploads = [ClientState(), ClientState()], []
+    for state, t in zip(states, trained, strict=True):
+        received = algorithm.broadcast(0, glob)
+        assert torch.equal(received[A + "::scaffold_c"], torch.zeros(1, 2))
+        start = algorithm.local_start(0, received, state)
+        assert set(start) == {A, B}
+        term = algorithm.gradient_term(0, received, state)
+        assert torch.equal(term(A, torch.ones(1, 2)), torch.zeros(1, 2))  # zero variates: plain FedAvg
+        uploads.append(algorithm.client_upload(0, 0, t, {}, state))
+        algorithm.local_end(0, t, state)
+    # c_i+ = c_i - c + (x - y_i) / (K * lr) = -y_i with K * lr = 1.
+    assert torch.equal(states[0].tensors[A + "::scaffold_c"], torch.tensor([[-1.0, 0.0]]))
+    assert set(states[0].tensors) == {A + "::scaffold_c", B + "::scaffold_c"}
+    new = algorithm.server_step(0, 0, weighted_sum(uploads, [0.5, 0.5]), glob)
+    assert set(new) == {A, B} and torch.equal(new[A], torch.tensor([[2.0, 0.0]]))
+    # c += (m / N) * sum_i w_i dc_i = 0.5 * mean(-y_i)
+    assert torch.equal(algorithm.control[A], torch.tensor([[-1.0, 0.0]]))
+    next_term = algorithm.gradient_term(1, algorithm.broadcast(1, new), states[0])
+    assert torch.equal(next_term(A, torch.zeros(1, 2)), torch.tensor([[0.0, 0.0]]))  # c - c_0 = -1 - (-1)

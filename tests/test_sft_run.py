@@ -198,3 +198,12 @@ def test_fedprox_with_mu_zero_is_fedavg_and_mu_pulls_updates_in(base_recipe: dic
         return float(sum((adapter[k] - initial[k]).norm() for k in adapter))
 
     assert moved(prox) < 0.9 * moved(fedavg)
+
+
+def test_scaffold_first_round_is_fedavg_exactly(base_recipe: dict) -> None:
+    base_recipe["federation"]["rounds"] = 1
+    adapters = []
+    for name in ("fedavg", "scaffold"):
+        base_recipe["algorithm"] = {"name": name}
+        adapters.append(AdapterSlots(_run(base_recipe).model).read())
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])

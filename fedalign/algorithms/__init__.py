@@ -10,6 +10,7 @@ from fedalign.algorithms.base import (
     ClientState,
     Factor,
     GradientTerm,
+    RunContext,
     Tensors,
     factor_of,
     payload_bytes,
@@ -23,9 +24,9 @@ for _module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 
-def build(config: AlgorithmConfig) -> Algorithm:
+def build(config: AlgorithmConfig, context: RunContext | None = None) -> Algorithm:
     """The algorithm object a recipe's ``algorithm:`` section describes."""
-    return registry()[config.name](config)  # type: ignore[attr-defined]
+    return registry()[config.name](config, context)  # type: ignore[attr-defined]
 
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "ClientState",
     "Factor",
     "GradientTerm",
+    "RunContext",
     "Tensors",
     "build",
     "factor_of",

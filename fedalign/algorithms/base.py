@@ -27,6 +27,17 @@ Factor = Literal["A", "B"]
 GradientTerm = Callable[[str, torch.Tensor], torch.Tensor]  # (key, current value) -> gradient to add
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """What an algorithm may need to know about the run it serves (beyond its own recipe section)."""
+
+    num_clients: int = 1
+    clients_per_round: int = 1
+    local_steps: int = 1
+    learning_rate: float = 1e-3
+    seed: int = 0
+
+
 class AlgorithmConfig(BaseModel):
     """Base of every algorithm's recipe section (``algorithm:``); subclasses add a ``name`` literal."""
 
@@ -98,8 +109,9 @@ class Algorithm:
     client_level_dp: ClassVar[bool] = True
     config_class: ClassVar[type[AlgorithmConfig]]
 
-    def __init__(self, config: AlgorithmConfig) -> None:
+    def __init__(self, config: AlgorithmConfig, context: RunContext | None = None) -> None:
         self.config = config
+        self.context = context or RunContext()
 
     def trainable(self, round_idx: int) -> frozenset[Factor]:
         return frozenset({"A", "B"})

@@ -110,6 +110,16 @@ def _privacy_for_sft(recipe: Recipe) -> ClientLevelDP | None:
     return None
 
 
+def run_context(recipe: Recipe) -> algorithms.RunContext:
+    return algorithms.RunContext(
+        num_clients=recipe.federation.num_clients,
+        clients_per_round=recipe.federation.clients_per_round,
+        local_steps=recipe.federation.local_steps,
+        learning_rate=recipe.train.learning_rate,
+        seed=recipe.seed,
+    )
+
+
 def _plan_example_privacy(recipe: Recipe, client_sizes: list[int]) -> ExampleLevelDP | None:
     if recipe.privacy.unit != "example":
         return None
@@ -161,7 +171,7 @@ def run_sft(recipe: Recipe, console: Console | None = None) -> RunResult:
             f"train.max_length={recipe.train.max_length} leaves no training row with a completion"
         )
     partition = make_partition(kept, recipe.partition, recipe.federation.num_clients, recipe.seed)
-    algorithm = algorithms.build(recipe.algorithm)
+    algorithm = algorithms.build(recipe.algorithm, run_context(recipe))
     example_dp = _plan_example_privacy(recipe, partition.sizes())
     if example_dp is not None:
         trainer.make_private(recipe.privacy, example_dp.sigma)
