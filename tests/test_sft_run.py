@@ -172,14 +172,45 @@ def test_ffa_keeps_a_at_its_shared_initialisation(base_recipe: dict) -> None:
     assert all(r["bytes_up"] == r["bytes_down"] == b_bytes for r in clients)
 
 
+def _closed_form_bytes(name: str, round_idx: int, shapes: list[tuple[int, int, int]]) -> tuple[int, int]:
+    """(up, down) bytes per client for one round, from algorithms.md §5, fp32, summed over LoRA modules."""
+    up = down = 0
+    for d, k, r in shapes:
+        both, a_only, b_only = r * (d + k), r * k, d * r
+        s = r  # FedASK sketch width r + p, with the default oversampling p = 0
+        per_module = {
+            "fedavg": (both, both),
+            "fedprox": (both, both),
+            "ffa": (b_only, b_only),
+            "fedsa": (a_only, a_only),
+            # the active factor goes up; both come down (partial participation, see rolora.py)
+            "rolora": (b_only if round_idx % 2 == 0 else a_only, both),
+            "scaffold": (2 * both, 2 * both),  # + control-variate changes up, + the server variate down
+            "fedask": (s * (d + k), both + d * s),  # Y (d×s) and P (k×s) up; B, A and Q (d×s) down
+        }[name]
+        up, down = up + 4 * per_module[0], down + 4 * per_module[1]
+    return up, down
+
+
 @pytest.mark.parametrize("name", sorted(registry()))
-def test_every_algorithm_runs_two_rounds_on_the_tiny_model(base_recipe: dict, name: str) -> None:
+def test_every_algorithm_runs_two_rounds_with_the_closed_form_message_sizes(
+    base_recipe: dict, name: str
+) -> None:
     base_recipe["algorithm"] = {"name": name}
     base_recipe["data"]["max_rows"] = 60
     result = _run(base_recipe)
+    slots = AdapterSlots(result.model).read()
+    shapes = [
+        (slots[k.replace("lora_A", "lora_B")].shape[0], v.shape[1], v.shape[0])
+        for k, v in slots.items()
+        if "lora_A" in k
+    ]
     rounds = _records(result.run_dir / "metrics.jsonl", "round")
     assert [r["round"] for r in rounds] == [1, 2]
-    assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in rounds)
+    for record in _records(result.run_dir / "metrics.jsonl", "client"):
+        assert (record["bytes_up"], record["bytes_down"]) == _closed_form_bytes(
+            name, record["round"] - 1, shapes
+        )
     assert (result.run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
