@@ -177,7 +177,7 @@ def _closed_form_bytes(name: str, round_idx: int, shapes: list[tuple[int, int, i
     up = down = 0
     for d, k, r in shapes:
         both, a_only, b_only = r * (d + k), r * k, d * r
-        s = r  # FedASK sketch width r + p, with the default oversampling p = 0
+        s = r + 2  # FedASK sketch width r + p, with the default oversampling p = 2
         per_module = {
             "fedavg": (both, both),
             "fedprox": (both, both),
