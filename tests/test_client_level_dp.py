@@ -116,3 +116,17 @@ def test_units_and_budgets_that_cannot_work_for_sft_are_refused(base_recipe: dic
     with pytest.raises(RecipeError, match=message):
         _run(base_recipe)
     assert not Path(base_recipe["output_dir"]).exists()
+
+
+@pytest.mark.parametrize("name", sorted(registry()))
+def test_each_algorithm_composes_with_client_level_dp_or_is_refused(base_recipe: dict, name: str) -> None:
+    base_recipe["federation"]["rounds"] = 1
+    base_recipe["algorithm"] = {"name": name}
+    base_recipe["privacy"] = {"unit": "client", "noise_multiplier": 1.0, "delta": 1e-3, "clip_norm": 0.1}
+    if registry()[name].num_stages != 1 or not registry()[name].client_level_dp:
+        with pytest.raises(RecipeError, match=rf"privacy\.unit: 'client' .*{name!r}"):
+            _run(base_recipe)
+        assert not Path(base_recipe["output_dir"]).exists()
+    else:
+        rounds = [r for r in _lines(_run(base_recipe)) if r["type"] == "round"]
+        assert len(rounds) == 1 and rounds[0]["epsilon"] > 0

@@ -7,6 +7,7 @@ import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 from rich.console import Console
 
+from fedalign.algorithms import registry
 from fedalign.errors import RecipeError
 from fedalign.recipe import validate_recipe
 from fedalign.runtime.sft import run_sft
@@ -80,3 +81,13 @@ def test_example_level_refusals(base_recipe: dict, override: dict, message: str)
     base_recipe["privacy"] = {"unit": "example", "target_epsilon": 3.0, **override}
     with pytest.raises(RecipeError, match=message):
         _run(base_recipe)
+
+
+@pytest.mark.parametrize("name", sorted(registry()))
+def test_each_algorithm_trains_under_example_level_dp(base_recipe: dict, name: str) -> None:
+    base_recipe["federation"].update(rounds=1, local_steps=2)
+    base_recipe["algorithm"] = {"name": name}
+    base_recipe["privacy"] = {"unit": "example", "noise_multiplier": 1.0, "delta": 1e-3}
+    _, records = _run(base_recipe)
+    clients = [r for r in records if r["type"] == "client"]
+    assert len(clients) == 2 and all(r["epsilon"] > 0 for r in clients)
