@@ -32,6 +32,8 @@ embedded: install
 bench: install
 	$(PY) bench/loop_vs_trl.py
 	$(PY) bench/client_memory.py
+	$(PY) bench/dp_overhead.py
+	$(PY) bench/fedask_server.py
 
 clean:
 	rm -rf runs .pytest_cache
