@@ -187,6 +187,7 @@ def _closed_form_bytes(name: str, round_idx: int, shapes: list[tuple[int, int, i
             "rolora": (b_only if round_idx % 2 == 0 else a_only, both),
             "scaffold": (2 * both, 2 * both),  # + control-variate changes up, + the server variate down
             "fedask": (s * (d + k), both + d * s),  # Y (d×s) and P (k×s) up; B, A and Q (d×s) down
+            "frlora": (both, both),  # clients apply c(B̄Ā − B₀A₀) to their base themselves
         }[name]
         up, down = up + 4 * per_module[0], down + 4 * per_module[1]
     return up, down
@@ -238,3 +239,21 @@ def test_scaffold_first_round_is_fedavg_exactly(base_recipe: dict) -> None:
         base_recipe["algorithm"] = {"name": name}
         adapters.append(AdapterSlots(_run(base_recipe).model).read())
     assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+
+
+def test_frlora_saves_a_residual_base_that_reproduces_the_model(base_recipe: dict) -> None:
+    from safetensors.torch import load_file as load
+
+    base_recipe["algorithm"] = {"name": "frlora"}
+    result = _run(base_recipe)
+    evals = _records(result.run_dir / "metrics.jsonl", "eval")
+    base = AutoModelForCausalLM.from_pretrained(TINY_MODEL)
+    base.load_state_dict(load(result.run_dir / "adapter" / "residual_base.safetensors"), strict=False)
+    reloaded = PeftModel.from_pretrained(base, result.run_dir / "adapter").eval()
+    tokens = torch.tensor([[1, 20, 30, 40, 50, 60, 70]])
+    result.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(
+            reloaded(input_ids=tokens).logits, result.model(input_ids=tokens).logits, atol=1e-5
+        )
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]

@@ -139,6 +139,20 @@ class Algorithm:
     def local_end(self, round_idx: int, trained: Tensors, state: ClientState) -> ClientState:
         return state
 
+    # Algorithms that change the frozen base weights (FRLoRA) set this and implement the two methods below.
+    moves_base: ClassVar[bool] = False
+
+    def init_from_base(
+        self, base: Tensors, initial: Tensors, scalings: dict[str, float]
+    ) -> tuple[Tensors, Tensors]:
+        """(the adapter to start from, additive change of each module's base weight), from the pretrained
+        base weights (keyed by module), the seed-initialised adapter and each module's LoRA scale α/r."""
+        raise NotImplementedError
+
+    def take_base_update(self) -> Tensors:
+        """The additive base-weight change decided by the last server step, per module (then forgotten)."""
+        raise NotImplementedError
+
     def gradient_term(self, round_idx: int, received: Tensors, state: ClientState) -> GradientTerm | None:
         """An extra gradient for each trainable LoRA tensor at every local step (FedProx's proximal pull,
         SCAFFOLD's control variates), added after the data gradient (and after DP noise: it is a function

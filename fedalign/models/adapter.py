@@ -23,6 +23,28 @@ class AdapterSlots:
         }
         if not self.params:
             raise ValueError("the model has no LoRA parameters to federate")
+        from peft.tuners.lora import LoraLayer
+
+        # The adapted modules' frozen base weights and LoRA scales, for algorithms moving the base (FRLoRA).
+        self.layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+        self.adapter_name = adapter_name
+
+    def base_weights(self) -> Tensors:
+        """A CPU copy of every adapted module's base weight, keyed by module name."""
+        return {
+            n: m.base_layer.weight.detach().to("cpu", torch.float32, copy=True)
+            for n, m in self.layers.items()
+        }
+
+    def scalings(self) -> dict[str, float]:
+        return {n: float(m.scaling[self.adapter_name]) for n, m in self.layers.items()}
+
+    @torch.no_grad()
+    def add_to_base(self, deltas: Tensors) -> None:
+        """W += delta for the named modules' base weights (in place: every client of this process sees it)."""
+        for name, delta in deltas.items():
+            weight = self.layers[name].base_layer.weight
+            weight.add_(delta.to(weight.device, weight.dtype))
 
     def keys(self) -> list[str]:
         return list(self.params)

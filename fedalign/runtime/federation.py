@@ -167,6 +167,8 @@ class Federation:
             glob = self._private_aggregate(round_idx, received, glob, visits)
         else:
             glob = self._aggregate(round_idx, glob, visits)
+        if self.algorithm.moves_base:  # one shared base here; remote clients apply the same change themselves
+            self.slots.add_to_base(self.algorithm.take_base_update())
         for visit in visits:
             visit.state = self.algorithm.local_end(round_idx, visit.trained, visit.state)
             self.store.save(visit.client, visit.state)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from safetensors.torch import save_file
 
 from fedalign import algorithms
 from fedalign.client.sft import SFTLocalTrainer
@@ -80,12 +81,24 @@ def new_run_dir(recipe: Recipe) -> Path:
     return path
 
 
-def _save_adapter(model, tokenizer, run_dir: Path) -> Path:
+RESIDUAL_BASE = "residual_base.safetensors"
+
+
+def _save_adapter(model, tokenizer, run_dir: Path, residual: dict[str, torch.Tensor] | None = None) -> Path:
+    """The final adapter as a PEFT folder (with the tokenizer and chat template).
+
+    For algorithms that move the base weights (FRLoRA), ``residual_base.safetensors`` holds the adapted
+    modules' base weights under the base model's own parameter names: load them into the base
+    (``base.load_state_dict(load_file(path), strict=False)``) before ``PeftModel.from_pretrained``.
+    """
     final = run_dir / "adapter"
     staging = run_dir / ".adapter.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    if residual is not None:
+        names = {k.removeprefix("base_model.model.") + ".weight": v.contiguous() for k, v in residual.items()}
+        save_file(names, staging / RESIDUAL_BASE)
     os.replace(staging, final)
     return final
 
@@ -205,7 +218,12 @@ def run_sft(recipe: Recipe, console: Console | None = None) -> RunResult:
         client_dp=client_dp,
         example_dp=example_dp,
     )
-    glob = algorithm.init_global(slots.read())
+    initial = slots.read()
+    if algorithm.moves_base:
+        initial, base_change = algorithm.init_from_base(slots.base_weights(), initial, slots.scalings())
+        slots.add_to_base(base_change)
+        slots.write(initial)
+    glob = algorithm.init_global(initial)
     rounds = recipe.federation.rounds
 
     def evaluate(round_idx: int) -> float | None:
@@ -273,7 +291,9 @@ def run_sft(recipe: Recipe, console: Console | None = None) -> RunResult:
     loop_s = time.perf_counter() - loop_started
     after = evaluate(rounds)
     slots.write(glob)
-    _save_adapter(trainer.model, loaded.tokenizer, run_dir)
+    _save_adapter(
+        trainer.model, loaded.tokenizer, run_dir, slots.base_weights() if algorithm.moves_base else None
+    )
     wall = time.perf_counter() - started
     metrics.write(
         {
