@@ -183,6 +183,16 @@ class Recipe(Section):
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
 
     @model_validator(mode="after")
+    def _example_level_dp_needs(self) -> Recipe:
+        if self.privacy.unit == "example" and self.privacy.sampling != "poisson":
+            raise ValueError(
+                "privacy.sampling: DP-SGD here is accounted for Poisson sampling only; use 'poisson'"
+            )
+        if self.privacy.unit == "example" and self.train.gradient_accumulation_steps != 1:
+            raise ValueError("train.gradient_accumulation_steps: must be 1 under privacy.unit 'example'")
+        return self
+
+    @model_validator(mode="after")
     def _delta_below_one_over_units(self) -> Recipe:
         if self.privacy.unit == "client" and self.privacy.delta >= 1 / self.federation.num_clients:
             raise ValueError(

@@ -68,3 +68,24 @@ def test_ledger_merges_identical_spends_and_round_trips() -> None:
 def test_unreachable_target_is_refused_naming_the_key() -> None:
     with pytest.raises(RecipeError, match=r"privacy\.target_epsilon: .*cannot be reached"):
         calibrate_noise(1e-6, DELTA, 0.5, 100_000, "rdp")
+
+
+def test_budget_verdicts_are_recomputed_only_when_a_client_spends() -> None:
+    from fedalign.privacy.example_level import ExampleLevelDP
+    from fedalign.recipe import PrivacySection
+
+    dp = ExampleLevelDP(
+        PrivacySection(unit="example", noise_multiplier=1.0, target_epsilon=2.5, delta=1e-3),
+        sigma=1.0,
+        sample_rates=[0.1, 0.1],
+        local_steps=10,
+        planned_steps=20,
+    )
+    visits = 0
+    while dp.can_visit(0):
+        assert dp.can_visit(0) is dp._can_visit[0]  # answered from the memo, no accountant call
+        dp.record_visit(0, 10)
+        assert 0 not in dp._can_visit  # spending invalidates the client's verdict
+        visits += 1
+    assert visits >= 1 and dp.epsilon(0) <= 2.5
+    assert dp.can_visit(1) and dp.anyone_can_visit()

@@ -101,6 +101,12 @@ def test_privacy_needs_a_budget_or_a_noise_level_and_a_small_delta(tmp_path: Pat
         load_recipe(path, ["privacy.unit=client"])
     with pytest.raises(RecipeError, match=r"privacy\.delta: must be < 1/num_clients"):
         load_recipe(path, ["privacy.unit=client", "privacy.target_epsilon=3", "privacy.delta=0.5"])
+    with pytest.raises(RecipeError, match=r"privacy\.sampling: .*Poisson"):
+        load_recipe(path, ["privacy.unit=example", "privacy.target_epsilon=3", "privacy.sampling=shuffle"])
+    with pytest.raises(RecipeError, match=r"train\.gradient_accumulation_steps: must be 1"):
+        load_recipe(
+            path, ["privacy.unit=example", "privacy.target_epsilon=3", "train.gradient_accumulation_steps=2"]
+        )
     recipe = load_recipe(path, ["privacy.unit=client", "privacy.noise_multiplier=1.1"])
     assert recipe.privacy.enabled and recipe.privacy.noise_multiplier == 1.1
 

@@ -22,7 +22,6 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 
 from fedalign.algorithms.base import Tensors
-from fedalign.errors import RecipeError
 from fedalign.privacy.dpsgd import PrivateGradientStep, assert_only_lora_changed, poisson_batches, snapshot
 from fedalign.recipe import PrivacySection, TrainSection
 
@@ -183,8 +182,6 @@ class SFTLocalTrainer:
 
     def make_private(self, privacy: PrivacySection, noise_multiplier: float) -> None:
         """Switch local training to DP-SGD (per-sample clipping, Gaussian noise, Poisson sampling)."""
-        if self.train_cfg.gradient_accumulation_steps != 1:
-            raise RecipeError("train.gradient_accumulation_steps: must be 1 under privacy.unit 'example'")
         if self.train_cfg.gradient_checkpointing:
             self._enable_activation_checkpointing(reentrant=True)
         self._privacy = (privacy, noise_multiplier)

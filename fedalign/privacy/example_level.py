@@ -26,6 +26,8 @@ class ExampleLevelDP:
     planned_steps: int
     ledgers: dict[int, Ledger] = field(default_factory=dict)
     spent: dict[int, float] = field(default_factory=dict)  # ε per client after its last visit (PRV is slow)
+    # can_visit's answer per client; it changes only when that client spends, so it is recomputed then only.
+    _can_visit: dict[int, bool] = field(default_factory=dict)
 
     @classmethod
     def plan(
@@ -60,10 +62,12 @@ class ExampleLevelDP:
     def can_visit(self, client: int) -> bool:
         if self.cfg.target_epsilon is None:
             return True
-        after = self.ledger(client).epsilon_after(
-            self.sigma, self.sample_rates[client], self.local_steps, self.cfg.delta, self.cfg.accountant
-        )
-        return after <= self.cfg.target_epsilon
+        if client not in self._can_visit:
+            after = self.ledger(client).epsilon_after(
+                self.sigma, self.sample_rates[client], self.local_steps, self.cfg.delta, self.cfg.accountant
+            )
+            self._can_visit[client] = after <= self.cfg.target_epsilon
+        return self._can_visit[client]
 
     def anyone_can_visit(self) -> bool:
         return any(self.can_visit(c) for c in range(len(self.sample_rates)))
@@ -71,6 +75,7 @@ class ExampleLevelDP:
     def record_visit(self, client: int, steps: int) -> float:
         """Spend the steps a visit actually took (empty Poisson draws included); returns the client's ε."""
         self.ledger(client).spend(self.sigma, self.sample_rates[client], steps)
+        self._can_visit.pop(client, None)
         self.spent[client] = self.epsilon(client)
         return self.spent[client]
 

@@ -103,23 +103,15 @@ def _save_adapter(model, tokenizer, run_dir: Path, residual: dict[str, torch.Ten
     return final
 
 
-def _privacy_for_sft(recipe: Recipe) -> ClientLevelDP | None:
+def _privacy_for_sft(recipe: Recipe, algorithm: algorithms.Algorithm) -> ClientLevelDP | None:
     """The client-level mechanism, if any; refuses units that make no sense for SFT before anything loads."""
     unit = recipe.privacy.unit
     if unit == "pair":
         raise RecipeError(
             "privacy.unit: 'pair' protects DPO preference pairs; use 'example' or 'client' for SFT"
         )
-    if unit == "example" and recipe.privacy.sampling != "poisson":
-        raise RecipeError(
-            "privacy.sampling: DP-SGD here is accounted for Poisson sampling only; use 'poisson'"
-        )
-    if unit == "example" and recipe.train.gradient_accumulation_steps != 1:
-        raise RecipeError("train.gradient_accumulation_steps: must be 1 under privacy.unit 'example'")
     if unit == "client":
-        return ClientLevelDP(
-            recipe.privacy, recipe.federation, recipe.seed, algorithms.build(recipe.algorithm)
-        )
+        return ClientLevelDP(recipe.privacy, recipe.federation, recipe.seed, algorithm)
     return None
 
 
@@ -148,7 +140,8 @@ def _plan_example_privacy(recipe: Recipe, client_sizes: list[int]) -> ExampleLev
 def run_sft(recipe: Recipe, console: Console | None = None) -> RunResult:
     console = console or Console()
     started = time.perf_counter()
-    client_dp = _privacy_for_sft(recipe)
+    algorithm = algorithms.build(recipe.algorithm, run_context(recipe))
+    client_dp = _privacy_for_sft(recipe, algorithm)
     check_model_reachable(recipe.model)
     examples = load_examples(recipe.data)
     if recipe.data.eval_path:
@@ -184,7 +177,6 @@ def run_sft(recipe: Recipe, console: Console | None = None) -> RunResult:
             f"train.max_length={recipe.train.max_length} leaves no training row with a completion"
         )
     partition = make_partition(kept, recipe.partition, recipe.federation.num_clients, recipe.seed)
-    algorithm = algorithms.build(recipe.algorithm, run_context(recipe))
     example_dp = _plan_example_privacy(recipe, partition.sizes())
     if example_dp is not None:
         trainer.make_private(recipe.privacy, example_dp.sigma)
