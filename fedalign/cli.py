@@ -1,6 +1,6 @@
 """The ``fedalign`` command.
 
-``fedalign sft RECIPE [key.path=value ...]`` runs federated SFT. A problem with the user's inputs prints one
+``fedalign sft RECIPE [key.path=value ...]`` runs federated SFT, ``fedalign dpo RECIPE ...`` federated DPO. A problem with the user's inputs prints one
 line per problem (``error: <file or key>: <what is wrong>``) and exits with status 2; nothing is written.
 """
 
@@ -53,7 +53,17 @@ def sft(recipe: str = _RECIPE, overrides: list[str] | None = _OVERRIDES) -> None
 @app.command()
 def dpo(recipe: str = _RECIPE, overrides: list[str] | None = _OVERRIDES) -> None:
     """Federated DPO on TRL's DPOTrainer (text LMs and LLaVA-1.5)."""
-    _fail("fedalign dpo is not yet available in this version (federated DPO is planned next)")
+    from fedalign.recipe import load_recipe
+
+    try:
+        spec = load_recipe(recipe, overrides or [])
+        from fedalign.runtime.dpo import run_dpo
+
+        run_dpo(spec, console)
+    except FedalignError as error:
+        _fail(str(error))
+    except KeyboardInterrupt:
+        _fail("interrupted; the run directory keeps every finished round's checkpoint", code=130)
 
 
 @app.command(name="eval")

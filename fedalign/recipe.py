@@ -8,6 +8,7 @@ problem is reported as ``<file>: <dotted.key>: <what is wrong>``; unknown keys a
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -42,10 +43,19 @@ class ModelSection(Section):
         description="None: the tokenizer's own template, or the built-in 'alpaca' one when it has none; "
         "'alpaca' or 'chatml' to force a built-in one; or a path to a .jinja file.",
     )
+    adapter: str | None = Field(
+        default=None,
+        description="a PEFT adapter folder (e.g. an SFT run's adapter/) merged into the base before "
+        "training; for DPO the merged model is then also the reference",
+    )
 
 
 class DataSection(Section):
-    source: Literal["dolly", "metamathqa", "gsm8k", "local"]
+    source: Literal["dolly", "metamathqa", "gsm8k", "local", "spavl", "preference"] = Field(
+        description="SFT: dolly, metamathqa, gsm8k, local (prompt/completion columns); "
+        "DPO: spavl (image, question, chosen, rejected) or preference (prompt, chosen, rejected, "
+        "optional image)"
+    )
     path: str = Field(
         description="a local .jsonl/.json/.parquet file (or folder of them) or a hub dataset id"
     )
@@ -66,6 +76,14 @@ class DataSection(Section):
     )
     eval_path: str | None = Field(default=None, description="a separate evaluation file instead of a holdout")
     eval_split: str = "test"
+    image_root: str | None = Field(
+        default=None, description="folder that relative image paths are read from; default: the data file's"
+    )
+    on_bad_row: Literal["stop", "skip"] = Field(
+        default="stop",
+        description="a row with a missing field or an unreadable image stops the run (naming it), or with "
+        "'skip' is left out, counted and listed in partition.json",
+    )
 
 
 class PartitionSection(Section):
@@ -94,7 +112,16 @@ class LoraSection(Section):
     r: int = Field(gt=0)
     alpha: float = Field(gt=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
-    target_modules: list[str] | str = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    target_modules: list[str] | str = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        description="module names (for a vision-language model: the language model's modules only) or a "
+        "PEFT regex string",
+    )
+    projector: Literal["lora", "full", "frozen"] | None = Field(
+        default=None,
+        description="vision-language models only (default 'lora'): LoRA on the multimodal projector's "
+        "linear layers, train it fully (it then travels as full tensors), or leave it frozen",
+    )
 
     @field_validator("alpha")
     @classmethod
@@ -151,9 +178,36 @@ class PrivacySection(Section):
         return self.unit != "none"
 
 
+class DPOSection(Section):
+    """TRL ``DPOConfig`` settings that change the objective (``fedalign dpo`` only)."""
+
+    beta: float = Field(default=0.1, gt=0)
+    loss_type: str | list[str] = Field(default="sigmoid", description="TRL DPOConfig.loss_type")
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
+
+
 class EvalSection(Section):
     batch_size: int = Field(default=8, ge=1)
     every: int = Field(default=0, ge=0, description="held-out loss every N rounds; 0: only before and after")
+    preferred_pattern: str | None = Field(
+        default=None,
+        description="DPO: a regex a greedy answer to a held-out prompt matches when it shows the preferred "
+        "behaviour; its rate is reported before and after training",
+    )
+    max_new_tokens: int = Field(default=32, ge=1)
+    generations: int | None = Field(
+        default=None, ge=1, description="held-out prompts to generate for (default: all of them)"
+    )
+
+    @field_validator("preferred_pattern")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as error:
+                raise ValueError(f"not a valid regular expression ({error})") from None
+        return value
 
 
 class CheckpointSection(Section):
@@ -179,17 +233,19 @@ class Recipe(Section):
     algorithm: _algorithm_union() = Field(default_factory=lambda: {"name": "fedavg"}, validate_default=True)  # type: ignore[valid-type]
     train: TrainSection = Field(default_factory=TrainSection)
     privacy: PrivacySection = Field(default_factory=PrivacySection)
+    dpo: DPOSection = Field(default_factory=DPOSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
 
     @model_validator(mode="after")
     def _example_level_dp_needs(self) -> Recipe:
-        if self.privacy.unit == "example" and self.privacy.sampling != "poisson":
+        unit = self.privacy.unit
+        if unit in ("example", "pair") and self.privacy.sampling != "poisson":
             raise ValueError(
                 "privacy.sampling: DP-SGD here is accounted for Poisson sampling only; use 'poisson'"
             )
-        if self.privacy.unit == "example" and self.train.gradient_accumulation_steps != 1:
-            raise ValueError("train.gradient_accumulation_steps: must be 1 under privacy.unit 'example'")
+        if unit in ("example", "pair") and self.train.gradient_accumulation_steps != 1:
+            raise ValueError(f"train.gradient_accumulation_steps: must be 1 under privacy.unit {unit!r}")
         return self
 
     @model_validator(mode="after")

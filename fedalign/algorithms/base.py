@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 Tensors = dict[str, torch.Tensor]
-Factor = Literal["A", "B"]
+Factor = Literal["A", "B", "full"]  # "full": a fully trained module (PEFT modules_to_save)
 GradientTerm = Callable[[str, torch.Tensor], torch.Tensor]  # (key, current value) -> gradient to add
 
 
@@ -45,11 +45,14 @@ class AlgorithmConfig(BaseModel):
 
 
 def factor_of(key: str) -> Factor | None:
-    """Which LoRA factor a PEFT state-dict key belongs to (``None`` for anything else, e.g. a full tensor)."""
+    """Which LoRA factor a PEFT state-dict key belongs to: ``A``, ``B``, ``full`` for a fully trained module
+    (PEFT ``modules_to_save``, e.g. a LLaVA projector trained in full), ``None`` for anything else."""
     if ".lora_A." in key:
         return "A"
     if ".lora_B." in key:
         return "B"
+    if ".modules_to_save." in key:
+        return "full"
     return None
 
 
@@ -107,6 +110,9 @@ class Algorithm:
     # Client-level DP clips each client's change to what it uploads, so the upload must be the trained
     # factors themselves (one stage, keys a subset of the broadcast). Sketches and residual resets are not.
     client_level_dp: ClassVar[bool] = True
+    # Fully trained modules (``full`` tensors) train every round and are averaged like any upload. Algorithms
+    # whose server step is specific to LoRA factor pairs (sketches, residual resets) set this to False.
+    full_tensors: ClassVar[bool] = True
     config_class: ClassVar[type[AlgorithmConfig]]
 
     def __init__(self, config: AlgorithmConfig, context: RunContext | None = None) -> None:
@@ -114,7 +120,7 @@ class Algorithm:
         self.context = context or RunContext()
 
     def trainable(self, round_idx: int) -> frozenset[Factor]:
-        return frozenset({"A", "B"})
+        return frozenset({"A", "B", "full"})
 
     def init_global(self, initial: Tensors) -> Tensors:
         """The server's global adapter at round 0, from the adapter every client also starts from."""

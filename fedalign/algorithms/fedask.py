@@ -86,6 +86,7 @@ def omega(seed: int, module: str, k: int, s: int) -> torch.Tensor:
 class FedASK(Algorithm):
     name = "fedask"
     config_class = FedASKConfig
+    full_tensors = False
     num_stages = 2
     client_level_dp: ClassVar[bool] = False
 

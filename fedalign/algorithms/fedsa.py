@@ -26,7 +26,7 @@ class FedSA(Algorithm):
         return super().init_global(initial)
 
     def broadcast(self, round_idx: int, glob: Tensors) -> Tensors:
-        return select(glob, {"A"})
+        return select(glob, {"A", "full"})
 
     def local_start(self, round_idx: int, received: Tensors, state: ClientState) -> Tensors:
         own_b = select(state.tensors, {"B"}) or self._initial_b
@@ -35,7 +35,7 @@ class FedSA(Algorithm):
     def client_upload(
         self, stage: int, round_idx: int, trained: Tensors, reply: Tensors, state: ClientState
     ) -> Tensors:
-        return select(trained, {"A"})
+        return select(trained, {"A", "full"})
 
     def local_end(self, round_idx: int, trained: Tensors, state: ClientState) -> ClientState:
         state.tensors = {**state.tensors, **select(trained, {"B"})}

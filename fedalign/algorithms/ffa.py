@@ -19,4 +19,4 @@ class FFA(Algorithm):
     config_class = FFAConfig
 
     def trainable(self, round_idx: int) -> frozenset[Factor]:
-        return frozenset({"B"})
+        return frozenset({"B", "full"})

@@ -30,6 +30,7 @@ class FRLoRAConfig(AlgorithmConfig):
 class FRLoRA(Algorithm):
     name = "frlora"
     config_class = FRLoRAConfig
+    full_tensors = False
     moves_base = True
 
     def trainable(self, round_idx: int) -> frozenset[Factor]:

@@ -27,7 +27,7 @@ class RoLoRA(Algorithm):
     def trainable(self, round_idx: int) -> frozenset[Factor]:
         first: Factor = self.config.first  # type: ignore[attr-defined]
         other: Factor = "A" if first == "B" else "B"
-        return frozenset({first if round_idx % 2 == 0 else other})
+        return frozenset({first if round_idx % 2 == 0 else other, "full"})
 
     def broadcast(self, round_idx: int, glob: Tensors) -> Tensors:
         return dict(glob)

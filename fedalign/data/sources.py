@@ -176,6 +176,11 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
 _READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
 
 
+def read_rows(file: Path) -> Iterator[tuple[str, Any]]:
+    """(origin, row) for every row of one local data file; ``origin`` is ``file:line`` or ``file:row N``."""
+    return _READERS[file.suffix](file)
+
+
 def data_files(folder: Path, split: str, key: str) -> list[Path]:
     """The files in ``folder`` for ``split``: those named after it (``train.jsonl``, ``train-0000.parquet``),
     else the only data file there. Hub snapshots keep theirs in ``data/``, so that is looked at too."""
@@ -220,12 +225,22 @@ def _key_for(section: DataSection, path: str | None) -> str:
 
 
 def load_examples(
-    section: DataSection, *, path: str | None = None, split: str | None = None
+    section: DataSection,
+    *,
+    path: str | None = None,
+    split: str | None = None,
+    skipped: list[dict[str, str]] | None = None,
 ) -> list[Example]:
     """Load ``section``'s dataset (or ``path``/``split`` instead, for the evaluation set) as Examples.
 
-    ``data.max_rows`` keeps the first rows in file order, so a small run always sees the same rows.
+    ``data.max_rows`` keeps the first rows in file order, so a small run always sees the same rows. With
+    ``data.on_bad_row: skip`` a bad row is left out and its ``{origin, reason}`` appended to ``skipped``;
+    row ids stay the rows' positions in the source either way.
     """
+    if section.source in ("spavl", "preference"):
+        raise DataError(
+            f"data.source: {section.source!r} is a preference dataset; train on it with fedalign dpo"
+        )
     key = _key_for(section, path)
     path = path if path is not None else section.path
     split = split if split is not None else section.split
@@ -244,10 +259,15 @@ def load_examples(
     else:
         rows = _rows_from_hub(path, section.config, split, key)
     examples: list[Example] = []
-    for origin, row in rows:
+    for row_id, (origin, row) in enumerate(rows):
         if section.max_rows is not None and len(examples) >= section.max_rows:
             break
-        examples.append(row_to_example(row, len(examples), origin, fields, section, explicit_label))
+        try:
+            examples.append(row_to_example(row, row_id, origin, fields, section, explicit_label))
+        except DataError as error:
+            if section.on_bad_row == "stop" or skipped is None:
+                raise
+            skipped.append({"origin": origin, "reason": str(error).removeprefix(f"{origin}: ")})
     if not examples:
         raise DataError(f"{key}: {path!r} (split {split!r}) has no rows")
     return examples

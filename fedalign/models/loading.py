@@ -52,8 +52,41 @@ def check_model_reachable(section: ModelSection) -> None:
 @dataclass
 class LoadedModel:
     model: PeftModel
-    tokenizer: object  # a transformers tokenizer (class names vary across versions: do not check them)
+    tokenizer: object  # a transformers tokenizer, or a processor for a vision-language model
     device: torch.device
+    vision: bool = False
+
+
+def is_vision_language(section: ModelSection) -> bool:
+    """Whether the model is a vision-language model (its config has a vision part), read from its config."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(section.name_or_path, revision=section.revision)
+    except (OSError, ValueError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ModelError(
+            f"model.name_or_path: {section.name_or_path!r}: cannot read its config ({first})"
+        ) from None
+    return getattr(config, "vision_config", None) is not None
+
+
+def load_processor(section: ModelSection):
+    """A vision-language model's processor (image processor + tokenizer), with a chat template and pad token.
+
+    transformers 5 silently swaps the torchvision image processors for their PIL twins when torchvision is
+    missing (stack-notes §2), which is what lets this run on machines without torchvision.
+    """
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(section.name_or_path, revision=section.revision)
+    if section.chat_template is not None or processor.chat_template is None:
+        processor.chat_template = resolve_chat_template(
+            section.chat_template, processor.chat_template or processor.tokenizer.chat_template
+        )
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    return processor
 
 
 def load_tokenizer(section: ModelSection):
@@ -66,42 +99,79 @@ def load_tokenizer(section: ModelSection):
     return tokenizer
 
 
-def load_base_model(section: ModelSection, device: torch.device):
-    from transformers import AutoModelForCausalLM
+def load_base_model(section: ModelSection, device: torch.device, vision: bool = False):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     kwargs: dict[str, object] = {"revision": section.revision}
     if section.dtype != "auto":
         kwargs["dtype"] = _DTYPES[section.dtype]
     if section.attn_implementation is not None:
         kwargs["attn_implementation"] = section.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(section.name_or_path, **kwargs)
+    auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    model = auto.from_pretrained(section.name_or_path, **kwargs)
+    if section.adapter is not None:
+        model = merge_adapter(model, section.adapter)
     return model.to(device)
 
 
-def attach_lora(base, section: LoraSection, seed: int) -> PeftModel:
+def merge_adapter(base, adapter: str):
+    """``base`` with the PEFT adapter at ``adapter`` merged into its weights (an SFT start for DPO).
+
+    The merged model is what the new adapter trains on and, with adapters disabled, DPO's reference: the
+    SFT policy, not the raw base. The adapter is read before anything else so a wrong path fails first.
+    """
+    folder = Path(adapter).expanduser()
+    if not (folder / "adapter_config.json").is_file():
+        raise ModelError(
+            f"model.adapter: {adapter!r} is not a PEFT adapter folder (no adapter_config.json there); "
+            "point it at a run's adapter/ folder"
+        )
+    try:
+        return PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
+    except (ValueError, RuntimeError, KeyError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise ModelError(f"model.adapter: {adapter!r} does not fit model.name_or_path ({first})") from None
+
+
+def attach_lora(base, section: LoraSection, seed: int, vision: bool = False) -> PeftModel:
     """Wrap ``base`` with a LoRA adapter whose initial A is a function of ``seed`` alone.
 
     Every client, in this process or on another machine, derives the same initial adapter from the seed,
-    which is what lets FFA-LoRA send only B. The global RNG is left as it was.
+    which is what lets FFA-LoRA send only B. The global RNG is left as it was. For a vision-language model
+    the placement comes from :func:`fedalign.models.vlm.lora_placement` and the vision tower is checked to
+    be untouched.
     """
+    from fedalign.models.vlm import check_vision_tower_untouched, lora_placement
+
+    if vision:
+        targets, full = lora_placement(base, section)
+    elif section.projector is not None:
+        raise ModelError("lora.projector: only for vision-language models (this model is text-only)")
+    else:
+        targets, full = section.target_modules, None
     config = LoraConfig(
         r=section.r,
         lora_alpha=section.alpha,
         lora_dropout=section.dropout,
-        target_modules=section.target_modules,
+        target_modules=targets,
+        modules_to_save=full,
         task_type="CAUSAL_LM",
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            return get_peft_model(base, config)
+            model = get_peft_model(base, config)
         except ValueError as error:
             first = str(error).splitlines()[0]
             raise ModelError(f"lora.target_modules: {first}") from None
+    if vision:
+        check_vision_tower_untouched(model)
+    return model
 
 
 def load_model(model: ModelSection, lora: LoraSection, seed: int, device: torch.device) -> LoadedModel:
     check_model_reachable(model)
-    tokenizer = load_tokenizer(model)
-    base = load_base_model(model, device)
-    return LoadedModel(model=attach_lora(base, lora, seed), tokenizer=tokenizer, device=device)
+    vision = is_vision_language(model)
+    tokenizer = load_processor(model) if vision else load_tokenizer(model)
+    base = load_base_model(model, device, vision)
+    return LoadedModel(attach_lora(base, lora, seed, vision), tokenizer, device, vision)

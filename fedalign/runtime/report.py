@@ -11,6 +11,11 @@ from rich.table import Table
 from fedalign.runtime.metrics import MetricsLog
 
 _MAX_ROWS = 20
+_DPO_LINES = (
+    ("reward_accuracy", "held-out reward accuracy (chosen > rejected; 0.5 is chance)"),
+    ("reward_margin", "held-out reward margin"),
+    ("preferred_rate", "preferred behaviour on held-out prompts (eval.preferred_pattern)"),
+)
 
 
 def _mib(n: float) -> str:
@@ -26,7 +31,8 @@ def _evenly(items: list, limit: int) -> list:
 
 def print_summary(console: Console, metrics: MetricsLog, run_dir: Path, wall_s: float) -> None:
     rounds = metrics.of_type("round")
-    evals = {r["round"]: r["eval_loss"] for r in metrics.of_type("eval")}
+    records = {r["round"]: r for r in metrics.of_type("eval")}
+    evals = {k: r["eval_loss"] for k, r in records.items() if r.get("eval_loss") is not None}
     table = Table(title="Rounds", show_edge=False)
     for column in ("round", "clients", "train loss", "held-out loss", "bytes up", "bytes down", "wall s"):
         table.add_column(column, justify="right")
@@ -35,7 +41,7 @@ def print_summary(console: Console, metrics: MetricsLog, run_dir: Path, wall_s: 
         table.add_row(
             str(r["round"]),
             ",".join(map(str, r["clients"])),
-            f"{r['loss']:.4f}",
+            "-" if r["loss"] is None else f"{r['loss']:.4f}",
             "" if held is None else f"{held:.4f}",
             _mib(r["bytes_up"]),
             _mib(r["bytes_down"]),
@@ -63,6 +69,11 @@ def print_summary(console: Console, metrics: MetricsLog, run_dir: Path, wall_s: 
     if before is not None and after is not None:
         change = (after - before) / before * 100
         console.print(f"held-out loss: {before:.4f} -> {after:.4f} ({change:+.1f}%)")
+    if records:
+        first, last = records[min(records)], records[max(records)]
+        for key, label in _DPO_LINES:
+            if key in first and key in last:
+                console.print(f"{label}: {first[key]:.3f} -> {last[key]:.3f}")
     console.print(f"wall time: {wall_s:.1f} s    run directory: {run_dir}")
 
 
@@ -77,6 +88,7 @@ def plot_losses(metrics: MetricsLog, path: Path) -> None:
     evals = metrics.of_type("eval")
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot([r["round"] for r in rounds], [r["loss"] for r in rounds], label="train (clients' mean)")
+    evals = [e for e in evals if e.get("eval_loss") is not None]
     ax.plot([e["round"] for e in evals], [e["eval_loss"] for e in evals], "o-", label="held-out")
     ax.set_xlabel("round")
     ax.set_ylabel("loss per completion token")

@@ -1,317 +1,104 @@
-"""``fedalign sft``: data -> partition -> federated rounds on TRL's SFTTrainer -> adapter -> evaluation.
-
-Everything that can be wrong with the inputs (recipe, model, data, partition) is found before the run
-directory is created, so a refused run leaves nothing behind. The run directory then holds:
-
-- ``recipe.yaml`` (resolved, overrides applied) and ``versions.json``;
-- ``partition.json`` (client -> row ids, plus rows dropped by truncation and why);
-- ``metrics.jsonl`` (see :mod:`fedalign.runtime.metrics`) and ``loss.png``;
-- ``checkpoints/round-NNNNN/`` (global adapter in safetensors + server state), ``clients/`` (idle
-  clients' state);
-- ``adapter/``: the final adapter as a standard PEFT folder, with the tokenizer and its chat template.
-"""
+"""``fedalign sft``: federated supervised fine-tuning on TRL's SFTTrainer (the shared run: :mod:`.run`)."""
 
 from __future__ import annotations
 
-import importlib.metadata
-import json
-import os
-import platform
-import shutil
-import time
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
-from typing import Any
 
-import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from safetensors.torch import save_file
 
 from fedalign import algorithms
 from fedalign.client.sft import SFTLocalTrainer
-from fedalign.data.partition import make_partition
+from fedalign.data.examples import Example
 from fedalign.data.sources import load_examples, split_holdout
-from fedalign.errors import DataError, RecipeError
-from fedalign.models.adapter import AdapterSlots
-from fedalign.models.loading import check_model_reachable, load_model, resolve_device
-from fedalign.privacy.client_level import ClientLevelDP
-from fedalign.privacy.example_level import ExampleLevelDP
+from fedalign.errors import RecipeError
+from fedalign.models.loading import LoadedModel
 from fedalign.recipe import Recipe
-from fedalign.runtime.federation import Federation
-from fedalign.runtime.metrics import MetricsLog
-from fedalign.runtime.report import plot_losses, print_summary
-from fedalign.runtime.state import ClientStateStore, save_checkpoint, write_text_atomic
+from fedalign.runtime.run import RESIDUAL_BASE, RunResult, TaskSetup, run_federated
 
-_PACKAGES = ("fedalign", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "safetensors")
+__all__ = ["RESIDUAL_BASE", "RunResult", "SFTTask", "run_sft"]
 
 
-@dataclass
-class RunResult:
-    """A finished run; ``model`` is the in-memory PEFT model holding the final global adapter."""
+class SFTTask:
+    """Prompt/completion rows, TRL's SFTTrainer, held-out loss per completion token."""
 
-    run_dir: Path
-    eval_before: float | None
-    eval_after: float | None
-    round_losses: list[float]
-    wall_s: float
-    model: Any = None
+    name = "sft"
+    privacy_units = ("example", "client")
 
+    def __init__(self) -> None:
+        self.train: list[Example] = []
+        self.eval: list[Example] = []
+        self.skipped: list[dict[str, str]] = []
 
-def package_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version(), "platform": platform.platform()}
-    for name in _PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    versions["cuda"] = torch.version.cuda or "none"
-    return versions
+    def check(self, recipe: Recipe, algorithm: algorithms.Algorithm) -> None:
+        if recipe.eval.preferred_pattern is not None:
+            raise RecipeError("eval.preferred_pattern: measured by fedalign dpo only")
 
+    def load_data(self, recipe: Recipe, vision: bool) -> None:
+        if vision:
+            raise RecipeError(
+                "model.name_or_path: fedalign sft trains text models; vision-language SFT is not "
+                "supported yet"
+            )
+        data = recipe.data
+        examples = load_examples(data, skipped=self.skipped)
+        if data.eval_path:
+            self.train = examples
+            self.eval = load_examples(data, path=data.eval_path, split=data.eval_split, skipped=self.skipped)
+        else:
+            self.train, self.eval = split_holdout(examples, data.holdout, recipe.seed)
 
-def new_run_dir(recipe: Recipe) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(recipe.output_dir) / f"{recipe.name}-{stamp}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    path.mkdir(parents=True)
-    return path
+    def build(self, recipe: Recipe, loaded: LoadedModel, console: Console) -> TaskSetup:
+        with console.status("tokenizing (once per run)"):
+            trainer = SFTLocalTrainer(
+                loaded.model,
+                loaded.tokenizer,
+                recipe.train,
+                [e.to_record() for e in self.train],
+                [e.to_record() for e in self.eval],
+                seed=recipe.seed,
+                use_cpu=loaded.device.type == "cpu",
+                bf16=loaded.device.type == "cuda" and recipe.model.dtype == "bfloat16",
+            )
+        kept = warn_dropped(console, recipe, self.train, trainer.dropped_rows)
+        warn_skipped(console, self.skipped)
+        dropped_eval = set(trainer.dropped_eval_rows)
 
+        def evaluate(round_idx: int, run_dir: Path) -> dict[str, float]:
+            if trainer.eval_rows is None or len(trainer.eval_rows) == 0:
+                return {}
+            return {"eval_loss": trainer.evaluate(trainer.eval_rows, recipe.eval.batch_size)}
 
-RESIDUAL_BASE = "residual_base.safetensors"
-
-
-def _save_adapter(model, tokenizer, run_dir: Path, residual: dict[str, torch.Tensor] | None = None) -> Path:
-    """The final adapter as a PEFT folder (with the tokenizer and chat template).
-
-    For algorithms that move the base weights (FRLoRA), ``residual_base.safetensors`` holds the adapted
-    modules' base weights under the base model's own parameter names: load them into the base
-    (``base.load_state_dict(load_file(path), strict=False)``) before ``PeftModel.from_pretrained``.
-    """
-    final = run_dir / "adapter"
-    staging = run_dir / ".adapter.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    if residual is not None:
-        names = {k.removeprefix("base_model.model.") + ".weight": v.contiguous() for k, v in residual.items()}
-        save_file(names, staging / RESIDUAL_BASE)
-    os.replace(staging, final)
-    return final
-
-
-def _privacy_for_sft(recipe: Recipe, algorithm: algorithms.Algorithm) -> ClientLevelDP | None:
-    """The client-level mechanism, if any; refuses units that make no sense for SFT before anything loads."""
-    unit = recipe.privacy.unit
-    if unit == "pair":
-        raise RecipeError(
-            "privacy.unit: 'pair' protects DPO preference pairs; use 'example' or 'client' for SFT"
+        return TaskSetup(
+            trainer=trainer,
+            processing_class=loaded.tokenizer,
+            kept=kept,
+            eval_ids=[e.row_id for e in self.eval if e.row_id not in dropped_eval],
+            evaluate=evaluate,
+            manifest={"skipped_rows": self.skipped},
         )
-    if unit == "client":
-        return ClientLevelDP(recipe.privacy, recipe.federation, recipe.seed, algorithm)
-    return None
 
 
-def run_context(recipe: Recipe) -> algorithms.RunContext:
-    return algorithms.RunContext(
-        num_clients=recipe.federation.num_clients,
-        clients_per_round=recipe.federation.clients_per_round,
-        local_steps=recipe.federation.local_steps,
-        learning_rate=recipe.train.learning_rate,
-        seed=recipe.seed,
-    )
-
-
-def _plan_example_privacy(recipe: Recipe, client_sizes: list[int]) -> ExampleLevelDP | None:
-    if recipe.privacy.unit != "example":
-        return None
-    smallest = min(client_sizes)
-    if recipe.privacy.delta >= 1 / smallest:
-        raise RecipeError(
-            f"privacy.delta: must be < 1/n for every client's n (smallest client has {smallest} rows, "
-            f"got {recipe.privacy.delta})"
-        )
-    return ExampleLevelDP.plan(recipe.privacy, recipe.federation, recipe.train, client_sizes)
-
-
-def run_sft(recipe: Recipe, console: Console | None = None) -> RunResult:
-    console = console or Console()
-    started = time.perf_counter()
-    algorithm = algorithms.build(recipe.algorithm, run_context(recipe))
-    client_dp = _privacy_for_sft(recipe, algorithm)
-    check_model_reachable(recipe.model)
-    examples = load_examples(recipe.data)
-    if recipe.data.eval_path:
-        train_examples = examples
-        eval_examples = load_examples(recipe.data, path=recipe.data.eval_path, split=recipe.data.eval_split)
-    else:
-        train_examples, eval_examples = split_holdout(examples, recipe.data.holdout, recipe.seed)
-
-    device = resolve_device(recipe.device)
-    loaded = load_model(recipe.model, recipe.lora, recipe.seed, device)
-    with console.status("tokenizing (once per run)"):
-        trainer = SFTLocalTrainer(
-            loaded.model,
-            loaded.tokenizer,
-            recipe.train,
-            [e.to_record() for e in train_examples],
-            [e.to_record() for e in eval_examples],
-            seed=recipe.seed,
-            use_cpu=device.type == "cpu",
-            bf16=device.type == "cuda" and recipe.model.dtype == "bfloat16",
-        )
-    dropped = set(trainer.dropped_rows)
-    kept = [e for e in train_examples if e.row_id not in dropped]
+def warn_dropped(console: Console, recipe: Recipe, rows: list, dropped_ids: list[int]) -> list:
+    """The rows TRL kept after truncation; says how many were dropped (they are listed in partition.json)."""
+    dropped = set(dropped_ids)
     if dropped:
-        first = next(e.origin for e in train_examples if e.row_id in dropped)
+        first = next(e.origin for e in rows if e.row_id in dropped)
         console.print(
             f"[yellow]warning:[/yellow] {len(dropped)} training rows have no completion token left within "
             f"train.max_length={recipe.train.max_length} and are not used (first: {first}); "
             "they are listed in partition.json"
         )
-    if not kept:
-        raise DataError(
-            f"train.max_length={recipe.train.max_length} leaves no training row with a completion"
+    return [e for e in rows if e.row_id not in dropped]
+
+
+def warn_skipped(console: Console, skipped: list[dict[str, str]]) -> None:
+    if skipped:
+        first = skipped[0]
+        console.print(
+            f"[yellow]warning:[/yellow] data.on_bad_row=skip left out {len(skipped)} bad rows (first: "
+            f"{first['origin']}: {first['reason']}); all are listed in partition.json under skipped_rows"
         )
-    partition = make_partition(kept, recipe.partition, recipe.federation.num_clients, recipe.seed)
-    example_dp = _plan_example_privacy(recipe, partition.sizes())
-    if example_dp is not None:
-        trainer.make_private(recipe.privacy, example_dp.sigma)
 
-    run_dir = new_run_dir(recipe)
-    write_text_atomic(recipe.resolved_yaml(), run_dir / "recipe.yaml")
-    write_text_atomic(json.dumps(package_versions(), indent=1), run_dir / "versions.json")
-    manifest = partition.to_manifest()
-    manifest["dropped_rows"] = {
-        "reason": "no completion token within train.max_length",
-        "rows": sorted(dropped),
-    }
-    manifest["eval_rows"] = [
-        e.row_id for e in eval_examples if e.row_id not in set(trainer.dropped_eval_rows)
-    ]
-    write_text_atomic(json.dumps(manifest), run_dir / "partition.json")
 
-    slots = AdapterSlots(trainer.model)
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
-    federation = Federation(
-        algorithm,
-        slots,
-        trainer,
-        [trainer.rows(ids) for ids in partition.clients],
-        recipe.federation,
-        ClientStateStore(run_dir / "clients"),
-        metrics,
-        seed=recipe.seed,
-        persist_optimizer=recipe.train.optimizer_state == "persist",
-        device=device,
-        client_dp=client_dp,
-        example_dp=example_dp,
-    )
-    initial = slots.read()
-    if algorithm.moves_base:
-        initial, base_change = algorithm.init_from_base(slots.base_weights(), initial, slots.scalings())
-        slots.add_to_base(base_change)
-        slots.write(initial)
-    glob = algorithm.init_global(initial)
-    rounds = recipe.federation.rounds
-
-    def evaluate(round_idx: int) -> float | None:
-        if trainer.eval_rows is None or len(trainer.eval_rows) == 0:
-            return None
-        slots.write(glob)
-        loss = trainer.evaluate(trainer.eval_rows, recipe.eval.batch_size)
-        metrics.write({"type": "eval", "round": round_idx, "eval_loss": loss})
-        return loss
-
-    if client_dp is not None:
-        console.print(client_dp.describe() + f"; {rounds} rounds planned")
-        metrics.write(
-            {"type": "privacy", "unit": "client", "sigma": client_dp.sigma, "q": client_dp.sample_rate}
-        )
-    if example_dp is not None:
-        console.print(example_dp.describe() + f"; {example_dp.planned_steps} local steps planned per client")
-        metrics.write(
-            {
-                "type": "privacy",
-                "unit": "example",
-                "sigma": example_dp.sigma,
-                "q": example_dp.sample_rates,
-                "planned_steps": example_dp.planned_steps,
-            }
-        )
-    with console.status("held-out loss before training"):
-        before = evaluate(0)
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    loop_started = time.perf_counter()
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("round", total=rounds)
-        for round_idx in range(rounds):
-            if client_dp is not None and not client_dp.budget_left_for_a_round():
-                console.print(
-                    f"privacy budget: another round would take ε past {recipe.privacy.target_epsilon} "
-                    f"(spent {client_dp.epsilon():.3f}); stopping after round {round_idx}"
-                )
-                rounds = round_idx
-                break
-            if example_dp is not None and not example_dp.anyone_can_visit():
-                console.print(
-                    "privacy budget: no client can take another visit within "
-                    f"ε={recipe.privacy.target_epsilon}; stopping after round {round_idx}"
-                )
-                rounds = round_idx
-                break
-            glob, _ = federation.run_round(round_idx, glob)
-            if example_dp is not None:
-                write_text_atomic(json.dumps(example_dp.to_json()), run_dir / "privacy_ledgers.json")
-            last = metrics.of_type("round")[-1]
-            loss = "-" if last["loss"] is None else f"{last['loss']:.4f}"
-            progress.update(task, advance=1, description=f"round {round_idx + 1} loss {loss}")
-            done = round_idx + 1
-            if recipe.eval.every and done % recipe.eval.every == 0 and done < rounds:
-                evaluate(done)
-            if done % recipe.checkpoint.every == 0 or done == rounds:
-                save_checkpoint(
-                    run_dir / "checkpoints",
-                    done,
-                    glob,
-                    federation.server_state(round_idx),
-                    recipe.checkpoint.keep_last,
-                )
-    loop_s = time.perf_counter() - loop_started
-    after = evaluate(rounds)
-    slots.write(glob)
-    _save_adapter(
-        trainer.model, loaded.tokenizer, run_dir, slots.base_weights() if algorithm.moves_base else None
-    )
-    wall = time.perf_counter() - started
-    metrics.write(
-        {
-            "type": "summary",
-            "rounds": rounds,
-            "epsilon": (
-                client_dp.epsilon()
-                if client_dp is not None
-                else example_dp.max_epsilon()
-                if example_dp is not None
-                else None
-            ),
-            "eval_before": before,
-            "eval_after": after,
-            "rounds_wall_s": round(loop_s, 3),
-            "wall_s": round(wall, 2),
-        }
-    )
-    metrics.close()
-    plot_losses(metrics, run_dir / "loss.png")
-    print_summary(console, metrics, run_dir, wall)
-    return RunResult(
-        run_dir=run_dir,
-        eval_before=before,
-        eval_after=after,
-        round_losses=[r["loss"] for r in metrics.of_type("round")],
-        wall_s=wall,
-        model=trainer.model,
-    )
+def run_sft(recipe: Recipe, console: Console | None = None) -> RunResult:
+    return run_federated(recipe, SFTTask(), console)

@@ -1,0 +1,109 @@
+"""Images referenced, not held: checked once at load, decoded only when a batch needs them.
+
+SPA-VL's training split is 93k images (3.8 GB of parquet). A client must never hold its shard's images in
+memory, so a row carries an :class:`ImageRef` (a file path, or a row of a parquet file or of a
+memory-mapped hub dataset) and the image is decoded when its batch is collated. Every image is opened and
+verified once while the data is loaded, so a corrupt or missing image is reported with its row before the
+run starts rather than halfway through it.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from fedalign.errors import DataError
+
+
+def _open(data: bytes | str | Path) -> Image.Image:
+    return Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+
+
+def verify_image(data: bytes | str | Path) -> None:
+    """Raise ``ValueError`` (with a short reason) unless ``data`` is a readable image; decodes nothing."""
+    try:
+        with _open(data) as image:
+            image.verify()
+    except FileNotFoundError:
+        raise ValueError("file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"not a readable image ({type(error).__name__}: {error})") from None
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where one row's image is: ``file`` (a path), ``parquet`` (row ``index`` of ``location``'s column
+    ``column``) or ``dataset`` (row ``index`` of an in-process memory-mapped hub dataset, ``handle``)."""
+
+    kind: str
+    location: str
+    index: int = 0
+    column: str = "image"
+    handle: Any = None
+
+    def describe(self) -> str:
+        return self.location if self.kind == "file" else f"{self.location} row {self.index} ({self.column!r})"
+
+    def _raw(self) -> bytes | str:
+        if self.kind == "file":
+            return self.location
+        if self.kind == "parquet":
+            value = _parquet_cell(self.location, self.column, self.index)
+        else:
+            value = self.handle[self.index][self.column]
+        data = image_bytes_or_path(value)
+        if data is None:
+            raise ValueError("no image in this row")
+        return data
+
+    def load(self) -> Image.Image:
+        """The decoded image in RGB (what LLaVA's processor expects); raises DataError naming the image."""
+        try:
+            with _open(self._raw()) as image:
+                return image.convert("RGB")
+        except (ValueError, OSError, UnidentifiedImageError) as error:
+            raise DataError(f"image {self.describe()}: cannot be decoded ({error})") from None
+
+
+def image_bytes_or_path(value: Any) -> bytes | str | None:
+    """An image cell as stored: HF ``Image`` struct ``{bytes, path}``, raw bytes, or a path string."""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return bytes(value["bytes"])
+        return value.get("path") or None
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    if isinstance(value, str) and value:
+        return value
+    return None
+
+
+@lru_cache(maxsize=8)
+def _row_groups(path: str) -> list[int]:
+    """First row index of each row group (and the total at the end) of a parquet file."""
+    import pyarrow.parquet as pq
+
+    metadata = pq.ParquetFile(path).metadata
+    starts = [0]
+    for group in range(metadata.num_row_groups):
+        starts.append(starts[-1] + metadata.row_group(group).num_rows)
+    return starts
+
+
+@lru_cache(maxsize=4)
+def _row_group_column(path: str, column: str, group: int) -> list[Any]:
+    """One row group of one column: the unit parquet decompresses, kept for the next few rows asking."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).read_row_group(group, columns=[column]).column(0).to_pylist()
+
+
+def _parquet_cell(path: str, column: str, index: int) -> Any:
+    starts = _row_groups(path)
+    group = next(g for g in range(len(starts) - 1) if starts[g] <= index < starts[g + 1])
+    return _row_group_column(path, column, group)[index - starts[group]]

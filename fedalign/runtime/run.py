@@ -1,0 +1,365 @@
+"""The federated run shared by ``fedalign sft`` and ``fedalign dpo``: recipe -> data -> partition -> rounds
+-> adapter -> evaluation. A :class:`Task` (:mod:`fedalign.runtime.sft`, :mod:`fedalign.runtime.dpo`)
+supplies what differs: how data is loaded, which TRL trainer runs a visit, what is evaluated.
+
+Everything that can be wrong with the inputs (recipe, model, data, partition) is found before the run
+directory is created, so a refused run leaves nothing behind. The run directory then holds:
+
+- ``recipe.yaml`` (resolved, overrides applied) and ``versions.json``;
+- ``partition.json`` (client -> row ids, plus rows dropped by truncation or skipped as bad, and why);
+- ``metrics.jsonl`` (see :mod:`fedalign.runtime.metrics`) and ``loss.png``;
+- ``checkpoints/round-NNNNN/`` (global adapter in safetensors + server state), ``clients/`` (idle
+  clients' state);
+- ``adapter/``: the final adapter as a standard PEFT folder, with the tokenizer (or processor) and its
+  chat template.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from safetensors.torch import save_file
+
+from fedalign import algorithms
+from fedalign.data.partition import make_partition
+from fedalign.errors import DataError, RecipeError
+from fedalign.models.adapter import AdapterSlots
+from fedalign.models.loading import (
+    LoadedModel,
+    check_model_reachable,
+    is_vision_language,
+    load_model,
+    resolve_device,
+)
+from fedalign.privacy.client_level import ClientLevelDP
+from fedalign.privacy.example_level import ExampleLevelDP
+from fedalign.recipe import Recipe
+from fedalign.runtime.federation import Federation
+from fedalign.runtime.metrics import MetricsLog
+from fedalign.runtime.report import plot_losses, print_summary
+from fedalign.runtime.state import ClientStateStore, save_checkpoint, write_text_atomic
+
+_PACKAGES = ("fedalign", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "safetensors")
+
+
+@dataclass
+class RunResult:
+    """A finished run; ``model`` is the in-memory PEFT model holding the final global adapter.
+
+    ``eval_before``/``eval_after`` are the held-out losses; ``metrics_before``/``metrics_after`` every
+    held-out metric the task measured (DPO adds reward accuracy, margin and the preferred-behaviour rate).
+    """
+
+    run_dir: Path
+    eval_before: float | None
+    eval_after: float | None
+    round_losses: list[float | None]
+    wall_s: float
+    model: Any = None
+    metrics_before: dict[str, float] = field(default_factory=dict)
+    metrics_after: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TaskSetup:
+    """What a task hands the shared runtime once its model and trainer exist."""
+
+    trainer: Any  # rows(ids), train(...), make_private(...), model, dropped_rows, dropped_eval_rows
+    processing_class: Any  # saved with the adapter: a tokenizer or a processor
+    kept: list[Any]  # training rows left for partitioning (each with row_id, origin, label)
+    eval_ids: list[int]
+    # held-out metrics of the adapter now in the model, given (round, run dir to write any artefact into)
+    evaluate: Callable[[int, Path], dict[str, float]] | None
+    manifest: dict[str, Any] = field(default_factory=dict)  # extra partition.json entries (skipped rows)
+
+
+class Task(Protocol):
+    """SFT or DPO: the parts of a run that differ (see :mod:`fedalign.runtime.sft`, ``.dpo``)."""
+
+    name: str
+    privacy_units: tuple[str, ...]  # the DP-SGD unit ("example" or "pair") and "client"
+
+    def check(self, recipe: Recipe, algorithm: algorithms.Algorithm) -> None:
+        """Refuse recipe combinations this task cannot run, before anything loads."""
+
+    def load_data(self, recipe: Recipe, vision: bool) -> None:
+        """Read (and validate) the training and evaluation rows; raise DataError naming a bad row."""
+
+    def build(self, recipe: Recipe, loaded: LoadedModel, console: Console) -> TaskSetup:
+        """Construct the trainer on the loaded model and say which rows are kept."""
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    versions["cuda"] = torch.version.cuda or "none"
+    return versions
+
+
+def new_run_dir(recipe: Recipe) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(recipe.output_dir) / f"{recipe.name}-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    path.mkdir(parents=True)
+    return path
+
+
+RESIDUAL_BASE = "residual_base.safetensors"
+START_ADAPTER = "start_adapter"
+
+
+def _save_adapter(
+    model,
+    tokenizer,
+    run_dir: Path,
+    residual: dict[str, torch.Tensor] | None = None,
+    start_adapter: str | None = None,
+) -> Path:
+    """The final adapter as a PEFT folder (with the tokenizer and chat template).
+
+    For algorithms that move the base weights (FRLoRA), ``residual_base.safetensors`` holds the adapted
+    modules' base weights under the base model's own parameter names: load them into the base
+    (``base.load_state_dict(load_file(path), strict=False)``) before ``PeftModel.from_pretrained``.
+    A run that started from ``model.adapter`` ships a copy of it in ``start_adapter/``: merge it into the
+    base first (``PeftModel.from_pretrained(base, "adapter/start_adapter").merge_and_unload()``).
+    """
+    final = run_dir / "adapter"
+    staging = run_dir / ".adapter.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    if residual is not None:
+        names = {k.removeprefix("base_model.model.") + ".weight": v.contiguous() for k, v in residual.items()}
+        save_file(names, staging / RESIDUAL_BASE)
+    if start_adapter is not None:
+        shutil.copytree(Path(start_adapter).expanduser(), staging / START_ADAPTER)
+    os.replace(staging, final)
+    return final
+
+
+def _client_privacy(recipe: Recipe, algorithm: algorithms.Algorithm, task: Task) -> ClientLevelDP | None:
+    """The client-level mechanism, if any; refuses a unit the task does not have before anything loads."""
+    unit = recipe.privacy.unit
+    if unit != "none" and unit not in task.privacy_units:
+        raise RecipeError(
+            f"privacy.unit: {unit!r} is not a unit of fedalign {task.name}; use one of "
+            f"{', '.join(repr(u) for u in task.privacy_units)}"
+        )
+    if unit == "client":
+        return ClientLevelDP(recipe.privacy, recipe.federation, recipe.seed, algorithm)
+    return None
+
+
+def run_context(recipe: Recipe) -> algorithms.RunContext:
+    return algorithms.RunContext(
+        num_clients=recipe.federation.num_clients,
+        clients_per_round=recipe.federation.clients_per_round,
+        local_steps=recipe.federation.local_steps,
+        learning_rate=recipe.train.learning_rate,
+        seed=recipe.seed,
+    )
+
+
+def _plan_example_privacy(recipe: Recipe, client_sizes: list[int]) -> ExampleLevelDP | None:
+    """DP-SGD inside each client, per example (SFT) or per preference pair (DPO): same accounting."""
+    if recipe.privacy.unit not in ("example", "pair"):
+        return None
+    smallest = min(client_sizes)
+    if recipe.privacy.delta >= 1 / smallest:
+        raise RecipeError(
+            f"privacy.delta: must be < 1/n for every client's n (smallest client has {smallest} "
+            f"{'pairs' if recipe.privacy.unit == 'pair' else 'rows'}, "
+            f"got {recipe.privacy.delta})"
+        )
+    return ExampleLevelDP.plan(recipe.privacy, recipe.federation, recipe.train, client_sizes)
+
+
+def run_federated(recipe: Recipe, task: Task, console: Console | None = None) -> RunResult:
+    console = console or Console()
+    started = time.perf_counter()
+    algorithm = algorithms.build(recipe.algorithm, run_context(recipe))
+    client_dp = _client_privacy(recipe, algorithm, task)
+    if recipe.lora.projector == "full" and not algorithm.full_tensors:
+        raise RecipeError(
+            f"lora.projector: 'full' trains the projector as full tensors, which {algorithm.name}'s server "
+            "step (specific to LoRA factors) does not aggregate; use lora.projector: lora"
+        )
+    task.check(recipe, algorithm)
+    check_model_reachable(recipe.model)
+    task.load_data(recipe, is_vision_language(recipe.model))
+
+    device = resolve_device(recipe.device)
+    loaded = load_model(recipe.model, recipe.lora, recipe.seed, device)
+    setup = task.build(recipe, loaded, console)
+    trainer = setup.trainer
+    dropped = set(trainer.dropped_rows)
+    if not setup.kept:
+        raise DataError(
+            f"train.max_length={recipe.train.max_length} leaves no training row with a completion"
+        )
+    partition = make_partition(setup.kept, recipe.partition, recipe.federation.num_clients, recipe.seed)
+    example_dp = _plan_example_privacy(recipe, partition.sizes())
+    if example_dp is not None:
+        trainer.make_private(recipe.privacy, example_dp.sigma)
+
+    run_dir = new_run_dir(recipe)
+    write_text_atomic(recipe.resolved_yaml(), run_dir / "recipe.yaml")
+    write_text_atomic(json.dumps(package_versions(), indent=1), run_dir / "versions.json")
+    manifest = partition.to_manifest()
+    manifest["dropped_rows"] = {
+        "reason": "no completion token within train.max_length",
+        "rows": sorted(dropped),
+    }
+    manifest["eval_rows"] = setup.eval_ids
+    manifest.update(setup.manifest)
+    write_text_atomic(json.dumps(manifest), run_dir / "partition.json")
+
+    slots = AdapterSlots(trainer.model)
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    federation = Federation(
+        algorithm,
+        slots,
+        trainer,
+        [trainer.rows(ids) for ids in partition.clients],
+        recipe.federation,
+        ClientStateStore(run_dir / "clients"),
+        metrics,
+        seed=recipe.seed,
+        persist_optimizer=recipe.train.optimizer_state == "persist",
+        device=device,
+        client_dp=client_dp,
+        example_dp=example_dp,
+    )
+    initial = slots.read()
+    if algorithm.moves_base:
+        initial, base_change = algorithm.init_from_base(slots.base_weights(), initial, slots.scalings())
+        slots.add_to_base(base_change)
+        slots.write(initial)
+    glob = algorithm.init_global(initial)
+    rounds = recipe.federation.rounds
+
+    def evaluate(round_idx: int) -> dict[str, float]:
+        if setup.evaluate is None:
+            return {}
+        slots.write(glob)
+        measured = setup.evaluate(round_idx, run_dir)
+        metrics.write({"type": "eval", "round": round_idx, **measured})
+        return measured
+
+    if client_dp is not None:
+        console.print(client_dp.describe() + f"; {rounds} rounds planned")
+        metrics.write(
+            {"type": "privacy", "unit": "client", "sigma": client_dp.sigma, "q": client_dp.sample_rate}
+        )
+    if example_dp is not None:
+        console.print(example_dp.describe() + f"; {example_dp.planned_steps} local steps planned per client")
+        metrics.write(
+            {
+                "type": "privacy",
+                "unit": recipe.privacy.unit,
+                "sigma": example_dp.sigma,
+                "q": example_dp.sample_rates,
+                "planned_steps": example_dp.planned_steps,
+            }
+        )
+    with console.status("held-out evaluation before training"):
+        before = evaluate(0)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    loop_started = time.perf_counter()
+    with Progress(*columns, console=console, transient=False) as progress:
+        bar = progress.add_task("round", total=rounds)
+        for round_idx in range(rounds):
+            if client_dp is not None and not client_dp.budget_left_for_a_round():
+                console.print(
+                    f"privacy budget: another round would take ε past {recipe.privacy.target_epsilon} "
+                    f"(spent {client_dp.epsilon():.3f}); stopping after round {round_idx}"
+                )
+                rounds = round_idx
+                break
+            if example_dp is not None and not example_dp.anyone_can_visit():
+                console.print(
+                    "privacy budget: no client can take another visit within "
+                    f"ε={recipe.privacy.target_epsilon}; stopping after round {round_idx}"
+                )
+                rounds = round_idx
+                break
+            glob, _ = federation.run_round(round_idx, glob)
+            if example_dp is not None:
+                write_text_atomic(json.dumps(example_dp.to_json()), run_dir / "privacy_ledgers.json")
+            last = metrics.of_type("round")[-1]
+            loss = "-" if last["loss"] is None else f"{last['loss']:.4f}"
+            progress.update(bar, advance=1, description=f"round {round_idx + 1} loss {loss}")
+            done = round_idx + 1
+            if recipe.eval.every and done % recipe.eval.every == 0 and done < rounds:
+                evaluate(done)
+            if done % recipe.checkpoint.every == 0 or done == rounds:
+                save_checkpoint(
+                    run_dir / "checkpoints",
+                    done,
+                    glob,
+                    federation.server_state(round_idx),
+                    recipe.checkpoint.keep_last,
+                )
+    loop_s = time.perf_counter() - loop_started
+    after = evaluate(rounds)
+    slots.write(glob)
+    _save_adapter(
+        trainer.model,
+        setup.processing_class,
+        run_dir,
+        slots.base_weights() if algorithm.moves_base else None,
+        recipe.model.adapter,
+    )
+    wall = time.perf_counter() - started
+    metrics.write(
+        {
+            "type": "summary",
+            "rounds": rounds,
+            "epsilon": (
+                client_dp.epsilon()
+                if client_dp is not None
+                else example_dp.max_epsilon()
+                if example_dp is not None
+                else None
+            ),
+            "eval_before": before.get("eval_loss"),
+            "eval_after": after.get("eval_loss"),
+            "metrics_before": before,
+            "metrics_after": after,
+            "rounds_wall_s": round(loop_s, 3),
+            "wall_s": round(wall, 2),
+        }
+    )
+    metrics.close()
+    plot_losses(metrics, run_dir / "loss.png")
+    print_summary(console, metrics, run_dir, wall)
+    return RunResult(
+        run_dir=run_dir,
+        eval_before=before.get("eval_loss"),
+        eval_after=after.get("eval_loss"),
+        round_losses=[r["loss"] for r in metrics.of_type("round")],
+        wall_s=wall,
+        model=trainer.model,
+        metrics_before=before,
+        metrics_after=after,
+    )
