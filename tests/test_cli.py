@@ -84,8 +84,7 @@ def test_bad_data_row_names_file_and_line(tmp_path: Path, base_recipe: dict) -> 
     assert len(result.output.strip().splitlines()) == 1
 
 
-def test_dpo_and_eval_say_they_are_not_yet_available() -> None:
-    for command in (["dpo", "recipes/spavl.yaml"], ["eval"]):
-        result = runner.invoke(app, command)
-        assert result.exit_code == 2
-        assert "not yet available" in result.output
+def test_eval_says_it_is_not_yet_available() -> None:
+    result = runner.invoke(app, ["eval"])
+    assert result.exit_code == 2
+    assert "not yet available" in result.output

@@ -29,6 +29,14 @@ def test_paper_recipes_have_the_paper_setup() -> None:
     assert metamath.model.name_or_path.endswith("Llama-2-13b-hf")
     assert metamath.data.source == "metamathqa"
     assert load_recipe(REPO / "recipes" / "gsm8k.yaml").data.source == "gsm8k"
+    spavl = load_recipe(REPO / "recipes" / "spavl.yaml")  # FedASK's multimodal DPO setup
+    assert spavl.model.name_or_path == "llava-hf/llava-1.5-7b-hf" and spavl.data.source == "spavl"
+    assert (spavl.federation.num_clients, spavl.federation.clients_per_round) == (10, 2)
+    assert (spavl.federation.rounds, spavl.federation.local_steps) == (600, 10)
+    assert (spavl.lora.r, spavl.lora.projector, spavl.partition.kind) == (256, "lora", "iid")
+    assert (spavl.train.batch_size, spavl.train.learning_rate) == (2, 1e-5)
+    private = load_recipe(REPO / "recipes" / "spavl.yaml", ["privacy.unit=pair", "privacy.target_epsilon=6"])
+    assert private.privacy.unit == "pair" and private.privacy.target_epsilon == 6
 
 
 def _write(tmp_path: Path, raw: dict) -> Path:
