@@ -161,9 +161,10 @@ def _client_privacy(recipe: Recipe, algorithm: algorithms.Algorithm, task: Task)
     """The client-level mechanism, if any; refuses a unit the task does not have before anything loads."""
     unit = recipe.privacy.unit
     if unit != "none" and unit not in task.privacy_units:
+        what = {"pair": "protects DPO preference pairs", "example": "protects SFT examples"}.get(unit, "")
         raise RecipeError(
-            f"privacy.unit: {unit!r} is not a unit of fedalign {task.name}; use one of "
-            f"{', '.join(repr(u) for u in task.privacy_units)}"
+            f"privacy.unit: {unit!r} {what}; use {' or '.join(repr(u) for u in task.privacy_units)} "
+            f"with fedalign {task.name}"
         )
     if unit == "client":
         return ClientLevelDP(recipe.privacy, recipe.federation, recipe.seed, algorithm)
