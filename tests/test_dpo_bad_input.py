@@ -62,7 +62,12 @@ def test_unreadable_image(tmp_path: Path, llava: Path) -> None:
 def test_missing_image_file(tmp_path: Path, llava: Path) -> None:
     data = tmp_path / "pairs.jsonl"
     rows = [
-        {"image": "images/missing.png", "prompt": "What is it?", "chosen": "I will not say.", "rejected": "Go."}
+        {
+            "image": "images/missing.png",
+            "prompt": "What is it?",
+            "chosen": "I will not say.",
+            "rejected": "Go.",
+        }
     ]
     data.write_text("\n".join(json.dumps(r) for r in rows * 8) + "\n")
     code, output = _dpo(tmp_path, dpo_recipe(str(llava), data, tmp_path / "runs", source="preference"))

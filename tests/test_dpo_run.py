@@ -89,7 +89,9 @@ def test_federated_llava_dpo(files, tmp_path, uploads, privacy) -> None:
     base = LlavaForConditionalGeneration.from_pretrained(files["llava"])
     base_vision = {n: p for n, p in base.named_parameters() if "vision_tower" in n}
     trained_vision = {
-        n.removeprefix("base_model.model."): p for n, p in result.model.named_parameters() if "vision_tower" in n
+        n.removeprefix("base_model.model."): p
+        for n, p in result.model.named_parameters()
+        if "vision_tower" in n
     }
     assert base_vision.keys() == trained_vision.keys() and base_vision
     assert all(torch.equal(base_vision[n], trained_vision[n]) for n in base_vision)  # bit-identical
@@ -126,7 +128,9 @@ def test_federated_llava_dpo(files, tmp_path, uploads, privacy) -> None:
 
 @pytest.mark.parametrize("privacy", ["none", "pair"])
 def test_federated_text_dpo(files, tmp_path, privacy) -> None:
-    raw = dpo_recipe(str(TINY_MODEL), files["text"], tmp_path / "runs", source="preference", **PRIVACY[privacy])
+    raw = dpo_recipe(
+        str(TINY_MODEL), files["text"], tmp_path / "runs", source="preference", **PRIVACY[privacy]
+    )
     result = _run(raw)
     evals = _records(result.run_dir, "eval")
     assert evals[0]["reward_accuracy"] == 0.0 and evals[-1]["eval_loss"] is not None
@@ -192,7 +196,9 @@ def test_sft_adapter_start_is_the_reference(files, tmp_path) -> None:
     assert not torch.allclose(reference, raw_base, atol=1e-3)
     # The adapter folder ships the start adapter: merge it, then load the DPO adapter.
     folder = result.run_dir / "adapter"
-    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY_MODEL), folder / START_ADAPTER)
+    merged = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(TINY_MODEL), folder / START_ADAPTER
+    )
     reloaded = PeftModel.from_pretrained(merged.merge_and_unload(), folder).eval()
     result.model.eval()
     with torch.no_grad():

@@ -48,7 +48,9 @@ def test_spavl_recipe_adapts_exactly_lm_qv_and_projector() -> None:
     model = attach_lora(base, recipe.lora, recipe.seed, vision=True)
     adapted = _adapted(model)
     expected = {
-        f"base_model.model.model.language_model.layers.{i}.self_attn.{p}" for i in range(32) for p in ("q_proj", "v_proj")
+        f"base_model.model.model.language_model.layers.{i}.self_attn.{p}"
+        for i in range(32)
+        for p in ("q_proj", "v_proj")
     } | {f"base_model.model.model.multi_modal_projector.linear_{k}" for k in (1, 2)}
     assert len(adapted) == 32 * 2 + 2 and set(adapted) == expected
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]

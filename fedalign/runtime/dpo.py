@@ -1,4 +1,4 @@
-"""``fedalign dpo``: federated DPO on TRL's DPOTrainer, for text LMs and LLaVA-1.5 (the shared run: :mod:`.run`).
+"""``fedalign dpo``: federated DPO on TRL's DPOTrainer for text LMs and LLaVA-1.5 (shared run: :mod:`.run`).
 
 Held-out evaluation reports TRL's DPO loss, the reward accuracy (the share of held-out pairs whose
 implicit reward β·log(π/π_ref) is higher for the chosen answer; 0 before training, where π = π_ref) and
@@ -58,8 +58,8 @@ class DPOTask:
     def check(self, recipe: Recipe, algorithm: algorithms.Algorithm) -> None:
         if algorithm.moves_base:
             raise RecipeError(
-                f"algorithm.name: {algorithm.name} moves the base weights every round, so the adapter-disabled "
-                "model would no longer be DPO's reference; use it with fedalign sft"
+                f"algorithm.name: {algorithm.name} moves the base weights every round, so the "
+                "adapter-disabled model would no longer be DPO's reference; use it with fedalign sft"
             )
 
     def load_data(self, recipe: Recipe, vision: bool) -> None:
@@ -105,7 +105,8 @@ class DPOTask:
                 with open(run_dir / GENERATIONS, "a", encoding="utf-8") as out:
                     for example, answer in zip(prompts, answers, strict=True):
                         out.write(
-                            json.dumps({"round": round_idx, "row_id": example.row_id, "answer": answer}) + "\n"
+                            json.dumps({"round": round_idx, "row_id": example.row_id, "answer": answer})
+                            + "\n"
                         )
             return measured
 

@@ -37,7 +37,7 @@ from fedalign.runtime.state import ClientStateStore
 
 
 class LocalTrainer(Protocol):
-    """What the runtime needs from local training (SFT today, DPO later)."""
+    """What the runtime needs from local training (:mod:`fedalign.client.sft`, :mod:`fedalign.client.dpo`)."""
 
     def train(
         self,
