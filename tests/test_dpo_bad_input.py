@@ -104,3 +104,20 @@ def test_skip_counts_and_lists_bad_rows(tmp_path: Path, llava: Path) -> None:
     assert "has no image" in skipped[0]["reason"] and "not a readable image" in skipped[1]["reason"]
     used = {r for c in manifest["clients"] for r in c["row_ids"]} | set(manifest["eval_rows"])
     assert used == set(range(20)) - {3, 7}  # row ids stay the rows' positions in the file
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"privacy": {"unit": "example", "noise_multiplier": 1.0}}, "'example' protects SFT examples"),
+        ({"algorithm": {"name": "frlora"}}, "moves the base weights"),
+        ({"dpo": {"loss_type": "aot"}, "privacy": {"unit": "pair", "noise_multiplier": 1.0}}, "'aot'"),
+    ],
+)
+def test_combinations_dpo_cannot_run_are_refused_before_a_run_dir(tmp_path: Path, override, message) -> None:
+    data = write_text_pairs(tmp_path / "pairs.jsonl", n=12)
+    raw = dpo_recipe(str(TINY_MODEL), data, tmp_path / "runs", source="preference")
+    raw.update(override)
+    code, output = _dpo(tmp_path, raw)
+    assert code == 2 and message in _one_error(output)
+    assert not (tmp_path / "runs").exists()

@@ -21,6 +21,7 @@ from fedalign.data.preferences import PreferenceExample, load_preferences
 from fedalign.data.sources import holdout_size
 from fedalign.errors import DataError, RecipeError
 from fedalign.models.loading import LoadedModel
+from fedalign.privacy.pairs import ensure_pair_decomposable
 from fedalign.recipe import Recipe
 from fedalign.runtime.run import RunResult, TaskSetup, run_federated
 from fedalign.runtime.sft import warn_dropped, warn_skipped
@@ -56,6 +57,11 @@ class DPOTask:
         self.skipped: list[dict[str, str]] = []
 
     def check(self, recipe: Recipe, algorithm: algorithms.Algorithm) -> None:
+        if recipe.privacy.unit == "pair":
+            try:
+                ensure_pair_decomposable(recipe.dpo.loss_type)
+            except RecipeError as error:
+                raise RecipeError(f"dpo.loss_type: {error}") from None
         if algorithm.moves_base:
             raise RecipeError(
                 f"algorithm.name: {algorithm.name} moves the base weights every round, so the "
