@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test lint embedded bench clean
+.PHONY: install demo demo-dpo test lint embedded bench clean
 
 # torch goes in first and only if the environment has none: a torch already there (CUDA or CPU) is kept
 # (point VENV at an existing environment to reuse its build). Otherwise torch==2.13.0 is installed: the
@@ -18,6 +18,9 @@ install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/fedalign sft recipes/quickstart.yaml
+
+demo-dpo: install
+	$(VENV)/bin/fedalign dpo recipes/quickstart-dpo.yaml
 
 test: install
 	$(PY) -m pytest
@@ -34,6 +37,7 @@ bench: install
 	$(PY) bench/client_memory.py
 	$(PY) bench/dp_overhead.py
 	$(PY) bench/fedask_server.py
+	$(PY) bench/dpo_loop_vs_trl.py
 
 clean:
 	rm -rf runs .pytest_cache

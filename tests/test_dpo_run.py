@@ -214,3 +214,30 @@ def test_images_are_referenced_not_held(files) -> None:
     assert all(isinstance(r, ImageRef) and r.kind == "parquet" and r.handle is None for r in refs)
     image = refs[5].load()
     assert image.mode == "RGB" and image.size == (32, 32)
+
+
+def test_embedded_dpo_default_is_consistent_and_runs(tmp_path) -> None:
+    """The bundled pairs: chosen answers show the preferred behaviour, rejected ones do not; the quickstart
+    recipe runs (shortened) on them offline."""
+    import re
+
+    import pyarrow.parquet as pq
+
+    from fedalign.embedded import PREFERRED_PATTERN
+    from fedalign.recipe import load_recipe
+
+    from .conftest import REPO
+
+    recipe = load_recipe(
+        REPO / "recipes" / "quickstart-dpo.yaml", ["federation.rounds=1", "eval.generations=4"]
+    )
+    assert recipe.eval.preferred_pattern == PREFERRED_PATTERN
+    table = pq.read_table(REPO / recipe.data.path, columns=["chosen", "rejected"]).to_pylist()
+    assert all(re.search(PREFERRED_PATTERN, r["chosen"]) for r in table)
+    assert not any(re.search(PREFERRED_PATTERN, r["rejected"]) for r in table)
+    recipe.output_dir = str(tmp_path)
+    recipe.model.name_or_path = str(REPO / recipe.model.name_or_path)
+    recipe.data.path = str(REPO / recipe.data.path)
+    result = run_dpo(recipe, Console(file=io.StringIO(), width=120))
+    assert result.metrics_before["reward_accuracy"] == 0.0
+    assert result.metrics_after["reward_accuracy"] > 0.5
