@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedalign.data.examples import Message
 from fedalign.data.images import ImageRef, image_bytes_or_path, verify_image
-from fedalign.data.sources import DATA_SUFFIXES, data_files, read_rows
+from fedalign.data.sources import local_files, read_rows
 from fedalign.errors import DataError
 from fedalign.hub import hub_unreachable_reason, looks_local
 
@@ -185,15 +185,7 @@ def row_to_preference(
 def _rows(section: DataSection, path: str, split: str, key: str) -> Iterator[tuple[str, Any, _Where]]:
     """(origin, row, where it came from) for every row of the source, in order."""
     if looks_local(path):
-        local = Path(path).expanduser()
-        if not local.exists():
-            raise DataError(f"{key}: {path!r} does not exist")
-        if local.is_dir():
-            files = data_files(local, split, key)
-        elif local.suffix in DATA_SUFFIXES:
-            files = [local]
-        else:
-            raise DataError(f"{key}: {path!r} is not a {', '.join(DATA_SUFFIXES)} file or a folder of them")
+        files = local_files(path, split, key)
         root = Path(section.image_root).expanduser() if section.image_root else None
         for file in files:
             for index, (origin, row) in enumerate(read_rows(file)):

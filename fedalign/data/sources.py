@@ -176,6 +176,18 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
 _READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
 
 
+def local_files(path: str, split: str, key: str) -> list[Path]:
+    """The data files a local ``path`` (a file, or a folder holding ``split``'s files) stands for."""
+    local = Path(path).expanduser()
+    if not local.exists():
+        raise DataError(f"{key}: {path!r} does not exist")
+    if local.is_dir():
+        return data_files(local, split, key)
+    if local.suffix in _READERS:
+        return [local]
+    raise DataError(f"{key}: {path!r} is not a {', '.join(DATA_SUFFIXES)} file or a folder of them")
+
+
 def read_rows(file: Path) -> Iterator[tuple[str, Any]]:
     """(origin, row) for every row of one local data file; ``origin`` is ``file:line`` or ``file:row N``."""
     return _READERS[file.suffix](file)
@@ -246,15 +258,7 @@ def load_examples(
     split = split if split is not None else section.split
     fields, explicit_label = resolve_fields(section)
     if looks_local(path):
-        local = Path(path).expanduser()
-        if not local.exists():
-            raise DataError(f"{key}: {path!r} does not exist")
-        if local.is_dir():
-            files = data_files(local, split, key)
-        elif local.suffix in _READERS:
-            files = [local]
-        else:
-            raise DataError(f"{key}: {path!r} is not a {', '.join(DATA_SUFFIXES)} file or a folder of them")
+        files = local_files(path, split, key)
         rows: Iterator[tuple[str, Any]] = (item for file in files for item in _READERS[file.suffix](file))
     else:
         rows = _rows_from_hub(path, section.config, split, key)
