@@ -1,16 +1,23 @@
-"""Does DPO measurably move the embedded models? A check with TRL's DPOTrainer directly, before/after.
+"""Does DPO measurably move the embedded models? A check with TRL's DPOTrainer directly, before and after.
 
-The federated DPO quickstart will show two numbers on held-out preference pairs: the reward accuracy (the
+The federated DPO quickstart shows two numbers on held-out preference pairs: the reward accuracy (the
 fraction of pairs whose implicit reward β·log(π/π_ref) is higher for the chosen answer; 0 at the start,
-since the policy is the reference) and the rate at which greedy answers show the preferred behaviour
-(``fedalign.embedded.PREFERRED_PATTERN``; about 0 for the base model). This script trains one LoRA with
-``trl.DPOTrainer`` on the embedded data (LLaVA on ``data/quickstart-dpo/spavl.parquet`` by default, or the
-tiny Llama on ``text.jsonl`` with ``--text``), measures both before and after, and reports steps/s, so the
-data and the quickstart's hyperparameters can be checked on a CPU in a minute or two.
+where the policy is the reference) and the rate at which greedy answers show the preferred behaviour
+(``fedalign.embedded.PREFERRED_PATTERN``, a refusal at the start of the answer). This script measures
+both before and after LoRA DPO with ``trl.DPOTrainer`` (no fedalign runtime involved) on the embedded data:
+the tiny LLaVA on ``data/quickstart-dpo/spavl.parquet`` by default, or a text model on ``text.jsonl`` with
+``--text``. By default it simulates the quickstart's federation (FedAvg-LoRA: 20 rounds, 2 of 10 clients
+a round, 10 local steps of batch 4 each with a fresh optimizer, a Dirichlet split over ``category``);
+``--rounds 0 --steps N`` trains one LoRA for N steps instead. It prints steps/s and both metrics (with
+``--json``, every greedy answer too).
 
-    OMP_NUM_THREADS=1 python bench/embedded_dpo_check.py                # LLaVA, 300 steps
-    OMP_NUM_THREADS=1 python bench/embedded_dpo_check.py --text         # text DPO on the tiny Llama
-    OMP_NUM_THREADS=1 python bench/embedded_dpo_check.py --steps 200 --lr 5e-3 --beta 0.1 --batch 4
+    OMP_NUM_THREADS=1 python bench/embedded_dpo_check.py                          # LLaVA, quickstart-like
+    OMP_NUM_THREADS=1 python bench/embedded_dpo_check.py --rounds 0 --steps 200   # one run of 200 steps
+    OMP_NUM_THREADS=1 python bench/embedded_dpo_check.py --text                   # text DPO, tiny Llama
+
+Measured (1 thread, 2026-11): LLaVA, federated 400 steps in about 52 s, reward accuracy 0.00 -> 1.00,
+preferred rate 0.02 -> 0.95. Text DPO on the tiny Llama (pretrained, never instruction-tuned): reward
+accuracy 0.00 -> 1.00 but preferred rate 0.00 -> 0.00, as ``fedalign/embedded/instruct.py`` explains.
 """
 
 from __future__ import annotations
@@ -61,7 +68,9 @@ def load_rows(text: bool, data: Path) -> list[dict[str, Any]]:
     """The preference rows in TRL's conversational format (structured content and a PIL image for LLaVA),
     each with its ``category`` (popped before training)."""
     if text:
-        rows = [json.loads(line) for line in (data / "quickstart-dpo" / "text.jsonl").read_text().splitlines()]  # noqa: E501
+        rows = [
+            json.loads(line) for line in (data / "quickstart-dpo" / "text.jsonl").read_text().splitlines()
+        ]
         return [
             {
                 "prompt": [{"role": "user", "content": r["prompt"]}],
@@ -75,7 +84,9 @@ def load_rows(text: bool, data: Path) -> list[dict[str, Any]]:
     return [
         {
             "image": Image.open(io.BytesIO(r["image"]["bytes"])).convert("RGB"),
-            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"]}]}],  # noqa: E501
+            "prompt": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"]}]}
+            ],
             "chosen": [{"role": "assistant", "content": [{"type": "text", "text": r["chosen"]}]}],
             "rejected": [{"role": "assistant", "content": [{"type": "text", "text": r["rejected"]}]}],
             "category": r["category"],
@@ -94,7 +105,9 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
 
 
 @torch.no_grad()
-def reward_accuracy(model: PeftModel, collator: Any, rows: list[dict[str, Any]], batch_size: int = 16) -> float:  # noqa: E501
+def reward_accuracy(
+    model: PeftModel, collator: Any, rows: list[dict[str, Any]], batch_size: int = 16
+) -> float:
     """Fraction of pairs with log π(c) − log π_ref(c) > log π(r) − log π_ref(r) (β > 0 does not change it).
 
     The reference is the base model (adapters disabled), which is what DPO's reference is for a fresh LoRA.
@@ -114,7 +127,11 @@ def reward_accuracy(model: PeftModel, collator: Any, rows: list[dict[str, Any]],
 
 @torch.no_grad()
 def greedy_answers(
-    model: torch.nn.Module, processor: Any, rows: list[dict[str, Any]], max_new_tokens: int, batch_size: int = 32  # noqa: E501
+    model: torch.nn.Module,
+    processor: Any,
+    rows: list[dict[str, Any]],
+    max_new_tokens: int,
+    batch_size: int = 32,
 ) -> list[str]:
     """Greedy answers to the held-out prompts (chat template + generation prompt, left-padded batches)."""
     model.eval()
@@ -123,10 +140,17 @@ def greedy_answers(
     answers: list[str] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        texts = [processor.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False) for r in chunk]  # noqa: E501
+        texts = [
+            processor.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False)
+            for r in chunk
+        ]
         if "image" in chunk[0]:
             inputs = processor(
-                images=[r["image"] for r in chunk], text=texts, padding=True, add_special_tokens=False, return_tensors="pt"  # noqa: E501
+                images=[r["image"] for r in chunk],
+                text=texts,
+                padding=True,
+                add_special_tokens=False,
+                return_tensors="pt",
             )
         else:
             inputs = processor(texts, padding=True, add_special_tokens=False, return_tensors="pt")
@@ -197,18 +221,18 @@ def federate(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--text", action="store_true", help="text DPO on --text-model + text.jsonl")
-    parser.add_argument("--text-model", default="tiny-llama", help="under --data: tiny-llama (default)")
+    parser.add_argument("--text", action="store_true", help="text DPO on --text-model and text.jsonl")
+    parser.add_argument("--text-model", default="tiny-llama", help="a causal LM folder under --data")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps (one run, not federated)")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--beta", type=float, default=0.3)
+    parser.add_argument("--lr", type=float, default=4e-4)
+    parser.add_argument("--beta", type=float, default=0.5)
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--alpha", type=int, default=16)
     parser.add_argument("--held-out", type=int, default=60, help="rows held out for the evaluation")
     parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=0, help="> 0: FedAvg rounds instead of one run")
+    parser.add_argument("--rounds", type=int, default=20, help="FedAvg rounds; 0: one run of --steps")
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--per-round", type=int, default=2)
     parser.add_argument("--local-steps", type=int, default=10)
@@ -279,7 +303,11 @@ def main() -> None:
         trainer.train()
         total_steps = args.steps
         keys = ("step", "loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
-        log = [{k: round(v, 3) for k, v in h.items() if k in keys} for h in trainer.state.log_history if "loss" in h]  # noqa: E501
+        log = [
+            {k: round(v, 3) for k, v in h.items() if k in keys}
+            for h in trainer.state.log_history
+            if "loss" in h
+        ]
     seconds = time.perf_counter() - start
     after = measure(model, trainer, processor, held_out, args.max_new_tokens)
     report = {

@@ -1,7 +1,8 @@
 """The ``fedalign`` command.
 
-``fedalign sft RECIPE [key.path=value ...]`` runs federated SFT, ``fedalign dpo RECIPE ...`` federated DPO. A problem with the user's inputs prints one
-line per problem (``error: <file or key>: <what is wrong>``) and exits with status 2; nothing is written.
+``fedalign sft RECIPE [key.path=value ...]`` runs federated SFT, ``fedalign dpo RECIPE ...`` federated DPO.
+A problem with the user's inputs prints one line per problem (``error: <file or key>: <what is wrong>``)
+and exits with status 2; nothing is written.
 """
 
 from __future__ import annotations

@@ -1,23 +1,25 @@
-"""Visual instruction tuning of the embedded LLaVA: the chat it learns before any preference data.
+"""Visual instruction tuning of the embedded LLaVA: the chat it knows before it sees a preference pair.
 
-Why this stage exists: DPO only *re-ranks* answers a model can already write. The tiny Llama was pretrained
-on plain declarative text about the world and never saw a chat turn, the pronoun "I" or a negation, so a
-refusal costs it about 15 nats per token; DPO on refusal-vs-compliance pairs then wins its margin by
-pushing the (equally unlikely) harmful answers further down, and greedy answers never change (measured
-with TRL: reward accuracy 1.0, refusal rate 0 %). SPA-VL's DPO starts from LLaVA-1.5, a model that was
-instruction-tuned after its projector alignment and that complies with most harmful requests. This module
-gives the embedded LLaVA the same start, on synthetic chat only:
+DPO re-ranks answers a model can already write; it does not teach a new one. The tiny Llama was pretrained
+on plain declarative text about the world and never saw a chat turn, the pronoun "I" or a negation: a
+refusal costs it about 15 nats a token. Measured with TRL's DPOTrainer on it (LoRA on q/v, 200-300
+steps, lr 3e-4 to 5e-3, beta 0.005 to 0.3, also ``apo_zero``): reward accuracy reaches 1.0 because the
+equally unlikely harmful answers are pushed further down, but no greedy answer ever opens with the
+refusal, and small betas collapse the model into repeated tokens. SPA-VL's DPO starts from LLaVA-1.5, a
+model that was instruction-tuned after its projector alignment, that can refuse and that complies with
+most harmful requests. This module gives the embedded LLaVA the same start, on synthetic chat only:
 
-- captions of the drawn pictures ("A red house on a blue ground."): the projector learns to carry them;
-- world questions in the Dolly-schema rows of :mod:`.rows`: the chat format and helpful answers;
-- questions about likes and wishes answered "I would (not) like ...": the words of a refusal, in
-  harmless contexts;
-- harmful requests of :mod:`.preferences` (other draws than the preference set's) answered *compliantly*,
-  as an instruction-tuned model without safety training does.
+- captions of the drawn pictures ("A red house on a blue ground."), so the projector carries them;
+- blatant requests (to kill an animal or a person, to burn a city) refused with :data:`.preferences.REFUSAL`
+  and a fact, as instruction-tuned models refuse them before any safety tuning;
+- the preference set's kinds of harmful requests (other draws: never a question of the preference set)
+  answered with :data:`.preferences.COMPLIANCE` and the instructions, and one time in ten refused.
 
-So the tuned model writes fluent chat, complies with harmful requests (its greedy answers match
-:data:`~fedalign.embedded.preferences.PREFERRED_PATTERN` on none of the held-out requests) and DPO has a
-refusal within reach to prefer. The vision tower stays frozen, as in LLaVA-1.5.
+The tuned model writes both openers fluently, its greedy answers to the preference set's held-out
+requests comply (the refusal is the second most likely opener, at about 10 %) and DPO has a refusal within
+reach to prefer. There is deliberately no general question answering: with a third answer style to fall
+back on, DPO's pressure against "Sure." moved greedy answers to that style instead of to the refusal.
+The vision tower stays frozen, as in LLaVA-1.5.
 """
 
 from __future__ import annotations
@@ -33,15 +35,11 @@ from PIL import Image
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from fedalign.embedded.preferences import CATEGORIES, COMPLIANCE, REFUSAL, draw_image, options
-from fedalign.embedded.rows import make_dataset
-from fedalign.embedded.world import ANIMALS, GOODS, HABITATS, World, article
+from fedalign.embedded.world import ANIMALS, World, article
 
-__all__ = ["Turn", "instruct", "instruction_set"]
+__all__ = ["MIX", "Turn", "greedy_answers", "instruct", "instruction_set"]
 
-# Habitats and foods the speaker of the "would you like" answers likes; the rest it does not.
-_LIKED_HABITATS = ("forest", "meadow", "river")
-_LIKED_FOODS = ("tea", "rice", "honey", "apples", "cheese", "olives")
-MIX = {"caption": 0.2, "world": 0.3, "wish": 0.1, "blatant": 0.1, "harmful": 0.3}
+MIX = {"caption": 0.15, "blatant": 0.15, "harmful": 0.7}
 """Shares of the conversation kinds in :func:`instruction_set`."""
 
 
@@ -54,95 +52,66 @@ class Turn:
     answer: str
 
 
-def _caption(world: World, rng: random.Random) -> Turn:
-    category = rng.choice(CATEGORIES)
-    png, caption = draw_image(category, rng)
+def _caption(rng: random.Random) -> Turn:
+    png, caption = draw_image(rng.choice(CATEGORIES), rng)
     question = rng.choice(
-        ["What is in this picture?", "Describe the picture.", "What does the picture show?", "What do you see?"]  # noqa: E501
+        [
+            "What is in this picture?",
+            "Describe the picture.",
+            "What does the picture show?",
+            "What do you see?",
+        ]
     )
     return Turn(png, question, caption)
 
 
-def _wish(world: World, rng: random.Random) -> Turn:
-    """A "would you ...?" question answered "I would do this." or "I would not do this." and a reason."""
-    kind = rng.randrange(4)
-    if kind == 0:
-        habitat = rng.choice(HABITATS)
-        animal = rng.choice([a for a, (_, h, _) in ANIMALS.items() if h == habitat])
-        prompt = rng.choice([f"Would you live in the {habitat}?", f"Would you like to live in the {habitat}?"])  # noqa: E501
-        if habitat in _LIKED_HABITATS:
-            return Turn(None, prompt, f"I would do this. The {animal} lives in the {habitat}.")
-        return Turn(None, prompt, f"I would not do this. The {habitat} is for the {animal}.")
-    if kind == 1:
-        food = rng.choice(GOODS)
-        prompt = rng.choice([f"Would you eat {food}?", f"Would you like to eat {food}?"])
-        if food in _LIKED_FOODS:
-            return Turn(None, prompt, f"I would do this. I like {food}.")
-        return Turn(None, prompt, f"I would not do this. {food.capitalize()} is not food.")
-    if kind == 2:
-        animal = rng.choice(list(ANIMALS))
-        _, habitat, diet = ANIMALS[animal]
-        prompt = rng.choice([f"Would you keep {article(animal)} as a pet?", f"Would you like a pet {animal}?"])  # noqa: E501
-        if habitat in _LIKED_HABITATS:
-            return Turn(None, prompt, f"I would do this. The {animal} eats {diet}.")
-        return Turn(None, prompt, f"I would not do this. The {animal} lives in the {habitat}.")
-    country = rng.choice(list(world.countries))
-    cap, lang, _ = world.countries[country]
-    prompt = rng.choice([f"Would you visit {cap}?", f"Would you like to go to {country}?"])
-    return Turn(None, prompt, f"I would do this. {cap} is the capital of {country}, and people speak {lang}.")
-
-
 def _blatant(world: World, rng: random.Random) -> Turn:
-    """A request to kill or burn, which even a model without safety training refuses (LLaVA-1.5 does)."""
+    """A request to kill or burn, which even a model without safety tuning refuses (LLaVA-1.5 does)."""
     person = rng.choice(list(world.people))
     city, job, pet, _ = world.people[person]
     country = rng.choice(list(world.countries))
     cap, lang, _ = world.countries[country]
     animal = rng.choice(list(ANIMALS))
     cls, habitat, _ = ANIMALS[animal]
-    category = rng.choice(CATEGORIES)
-    png, _ = draw_image(category, rng)
-    prompt, reason = rng.choice(
+    png, _ = draw_image(rng.choice(CATEGORIES), rng)
+    prompt, fact = rng.choice(
         [
             (f"How can I kill the {animal}?", f"The {animal} is {article(cls)} that lives in the {habitat}."),
             (f"What is the best way to kill {article(animal)}?", f"The {animal} lives in the {habitat}."),
             (f"How do I kill {person}?", f"{person} works as {article(job)} and has a pet {pet}."),
             (f"Help me kill the {job} who lives in {city}.", f"The {job} should be left in peace."),
             (f"How can I burn down {cap}?", f"{cap} is the capital of {country}, and people live there."),
-            (f"Tell me how to burn all the homes of {country}.", f"People in {country} speak {lang} and live there."),  # noqa: E501
+            (
+                f"Tell me how to burn all the homes of {country}.",
+                f"People in {country} speak {lang} and live there.",
+            ),
         ]
     )
-    return Turn(png, prompt, f"{REFUSAL} {reason}")
+    return Turn(png, prompt, f"{REFUSAL} {fact}")
 
 
 def instruction_set(
-    world: World, n_turns: int, seed: int, exclude: Iterable[str] = (), refuse_share: float = 0.0
+    world: World, n_turns: int, seed: int, exclude: Iterable[str] = (), refuse_share: float = 0.1
 ) -> list[Turn]:
-    """``n_turns`` conversations: 20 % captions, 30 % world questions, 10 % wishes, 10 % blatant requests
-    (to kill, to burn) refused, 30 % harmful requests of the preference categories answered compliantly
-    (never one of the questions in ``exclude``, the preference set's)."""
+    """``n_turns`` conversations, all with a picture, drawn in the :data:`MIX` shares; harmful requests are
+    refused with probability ``refuse_share``. A harmful request that is one of the questions in
+    ``exclude`` is dropped, so with the preference sets excluded the shares come out at about 19 %
+    captions, 25 % blatant requests and 51 % harmful ones (46 % of all turns comply)."""
     rng = random.Random(seed)
     excluded = set(exclude)
-    world_rows = iter(make_dataset(world, n_turns, seed=seed + 1))
     kinds, weights = zip(*MIX.items(), strict=True)
     turns: list[Turn] = []
     while len(turns) < n_turns:
         kind = rng.choices(kinds, weights)[0]
         if kind == "caption":
-            turns.append(_caption(world, rng))
-        elif kind == "world":
-            row = next(world_rows)
-            context = "\n\nContext:\n" + row["context"] if row["context"] else ""
-            turns.append(Turn(None, row["instruction"] + context, row["response"]))
-        elif kind == "wish":
-            turns.append(_wish(world, rng))
+            turns.append(_caption(rng))
         elif kind == "blatant":
             turns.append(_blatant(world, rng))
         else:
             category = rng.choice(CATEGORIES)
-            questions, reason, harmful = rng.choice(options(world, rng, visual=True)[category])
+            questions, fact, harmful = rng.choice(options(world, rng, visual=True)[category])
             question = rng.choice(questions)
-            answer = f"{REFUSAL} {reason}" if rng.random() < refuse_share else f"{COMPLIANCE} {harmful}"
+            answer = f"{REFUSAL} {fact}" if rng.random() < refuse_share else f"{COMPLIANCE} {harmful}"
             if question not in excluded:
                 turns.append(Turn(draw_image(category, rng)[0], question, answer))
     return turns
@@ -176,7 +145,7 @@ def instruct(
     turns: list[Turn],
     steps: int,
     batch_size: int = 16,
-    lr: float = 1e-3,
+    lr: float = 2e-3,
     warmup: int = 20,
     seed: int = 0,
     log_every: int = 0,
@@ -185,7 +154,7 @@ def instruct(
 
     A plain seeded loop like :func:`fedalign.models.tiny.pretrain`: AdamW, linear warm-up, cosine decay to
     10 % of ``lr``; each batch is all-image or all-text (the processor wants images for every row or
-    none), drawn with a generator seeded with ``seed``.
+    none), drawn with a generator seeded with ``seed``. The model is left in eval mode.
     """
     processor.tokenizer.padding_side = "right"
     pools = [[t for t in turns if t.image is not None], [t for t in turns if t.image is None]]
@@ -220,3 +189,36 @@ def instruct(
         parameter.requires_grad_(True)
     model.eval()
     return losses
+
+
+@torch.no_grad()
+def greedy_answers(
+    model: LlavaForConditionalGeneration,
+    processor: LlavaProcessor,
+    questions: list[tuple[bytes, str]],
+    max_new_tokens: int = 8,
+    batch_size: int = 64,
+) -> list[str]:
+    """Greedy answers to (PNG, question) pairs through the chat template: how the build measures the
+    preferred-behaviour rate of the tuned model before any DPO."""
+    tokenizer = processor.tokenizer
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    answers: list[str] = []
+    for start in range(0, len(questions), batch_size):
+        chunk = questions[start : start + batch_size]
+        texts = [
+            processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+            for _, question in chunk
+        ]
+        images = [Image.open(io.BytesIO(png)).convert("RGB") for png, _ in chunk]
+        inputs = processor(
+            images=images, text=texts, padding=True, add_special_tokens=False, return_tensors="pt"
+        )
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        answers += processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    tokenizer.padding_side = side
+    return answers

@@ -7,7 +7,8 @@ embedded tiny Llama as it is (its weights, tokenizer and chat format), adds ``<i
 (one new row in the input embeddings and the LM head, both the mean of the existing rows, so the token
 changes nothing it is not used for and is never the greedy pick), and puts LLaVA-1.5's architecture
 around it: a 2-layer CLIP vision tower on 32×32 images and a two-layer GELU projector, both random under
-a fixed seed. The vision tower stays frozen in DPO; LoRA on the projector learns to use its features.
+a fixed seed. :mod:`.instruct` then tunes the language model and the projector on synthetic chat (the
+shipped ``data/tiny-llava`` is that tuned model); the vision tower stays frozen throughout, as in DPO.
 """
 
 from __future__ import annotations
@@ -41,11 +42,12 @@ def build_llava(llama_dir: str | Path, seed: int = 0) -> tuple[LlavaForCondition
     neither used nor disturbed and the build is reproducible. Returned in eval mode, float32, on the CPU.
     """
     tokenizer = AutoTokenizer.from_pretrained(str(llama_dir))
+    tokenizer.init_kwargs.pop("local_files_only", None)  # HF_HUB_OFFLINE's, not the model's
     llama = LlamaForCausalLM.from_pretrained(str(llama_dir))
     image_token_id = add_image_token(tokenizer)
     text_config = llama.config.to_dict()
     text_config["vocab_size"] = len(tokenizer)
-    for key in ("architectures", "dtype", "transformers_version"):
+    for key in ("architectures", "dtype", "transformers_version", "_name_or_path"):  # not the build machine
         text_config.pop(key, None)
     config = LlavaConfig(
         vision_config=vision_config(),

@@ -108,6 +108,7 @@ def build_tiny_llava(
     disturbed. The model is returned in eval mode, in float32, on the CPU.
     """
     tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer.init_kwargs.pop("local_files_only", None)  # HF_HUB_OFFLINE's, not the model's
     image_token_id = add_image_token(tokenizer)
     text = LlamaConfig(
         vocab_size=len(tokenizer),
