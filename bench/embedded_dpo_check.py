@@ -31,6 +31,7 @@ import argparse  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -266,7 +267,7 @@ def main() -> None:
         model = get_peft_model(base, LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=targets))
     steps = args.local_steps if args.rounds else args.steps
     config = DPOConfig(
-        output_dir="/tmp/fedalign-embedded-dpo-check",
+        output_dir=str(Path(tempfile.gettempdir()) / "fedalign-embedded-dpo-check"),  # nothing saved
         max_steps=steps,
         per_device_train_batch_size=args.batch,
         learning_rate=args.lr,

@@ -19,12 +19,11 @@ import torch
 from transformers import (
     AutoTokenizer,
     LlamaForCausalLM,
-    LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
 )
 
-from fedalign.models.tiny_llava import add_image_token, build_llava_processor, vision_config
+from fedalign.models.tiny_llava import add_image_token, build_llava_processor, init_llava
 
 __all__ = ["build_llava"]
 
@@ -49,16 +48,7 @@ def build_llava(llama_dir: str | Path, seed: int = 0) -> tuple[LlavaForCondition
     text_config["vocab_size"] = len(tokenizer)
     for key in ("architectures", "dtype", "transformers_version", "_name_or_path"):  # not the build machine
         text_config.pop(key, None)
-    config = LlavaConfig(
-        vision_config=vision_config(),
-        text_config=text_config,
-        image_token_id=image_token_id,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
+    model = init_llava(text_config, image_token_id, seed)
     state = dict(llama.model.state_dict())
     state["embed_tokens.weight"] = _with_mean_row(state["embed_tokens.weight"])
     model.model.language_model.load_state_dict(state, strict=True)

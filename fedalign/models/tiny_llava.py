@@ -98,6 +98,24 @@ def build_llava_processor(tokenizer: PreTrainedTokenizerBase) -> LlavaProcessor:
     )
 
 
+def init_llava(
+    text_config: LlamaConfig | dict, image_token_id: int, seed: int
+) -> LlavaForConditionalGeneration:
+    """A randomly initialised LLaVA-1.5 (the :func:`vision_config` tower, LLaVA's feature choice) on the
+    given language-model config, drawn under a forked RNG seeded with ``seed``: the caller's global torch
+    RNG is neither used nor disturbed, and the same arguments give the same weights."""
+    config = LlavaConfig(
+        vision_config=vision_config(),
+        text_config=text_config,
+        image_token_id=image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlavaForConditionalGeneration(config)
+
+
 def build_tiny_llava(
     tokenizer_dir: str | Path = _DEFAULT_TOKENIZER, seed: int = 0
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
@@ -123,15 +141,6 @@ def build_tiny_llava(
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    config = LlavaConfig(
-        vision_config=vision_config(),
-        text_config=text,
-        image_token_id=image_token_id,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
+    model = init_llava(text, image_token_id, seed)
     model.eval()
     return model, build_llava_processor(tokenizer)
