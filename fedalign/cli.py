@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 
 from fedalign.errors import FedalignError
+
+if TYPE_CHECKING:
+    from fedalign.recipe import Recipe
 
 app = typer.Typer(
     add_completion=False,
@@ -35,36 +40,32 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-@app.command()
-def sft(recipe: str = _RECIPE, overrides: list[str] | None = _OVERRIDES) -> None:
-    """Federated supervised fine-tuning on TRL's SFTTrainer."""
+def _run(runner: Callable[[Recipe, Console], object], recipe: str, overrides: list[str] | None) -> None:
+    """Load the recipe and hand it to ``runner``; a user error becomes one line and exit status 2."""
     from fedalign.recipe import load_recipe
 
     try:
-        spec = load_recipe(recipe, overrides or [])
-        from fedalign.runtime.sft import run_sft
-
-        run_sft(spec, console)
+        runner(load_recipe(recipe, overrides or []), console)
     except FedalignError as error:
         _fail(str(error))
     except KeyboardInterrupt:
         _fail("interrupted; the run directory keeps every finished round's checkpoint", code=130)
+
+
+@app.command()
+def sft(recipe: str = _RECIPE, overrides: list[str] | None = _OVERRIDES) -> None:
+    """Federated supervised fine-tuning on TRL's SFTTrainer."""
+    from fedalign.runtime.sft import run_sft
+
+    _run(run_sft, recipe, overrides)
 
 
 @app.command()
 def dpo(recipe: str = _RECIPE, overrides: list[str] | None = _OVERRIDES) -> None:
     """Federated DPO on TRL's DPOTrainer (text LMs and LLaVA-1.5)."""
-    from fedalign.recipe import load_recipe
+    from fedalign.runtime.dpo import run_dpo
 
-    try:
-        spec = load_recipe(recipe, overrides or [])
-        from fedalign.runtime.dpo import run_dpo
-
-        run_dpo(spec, console)
-    except FedalignError as error:
-        _fail(str(error))
-    except KeyboardInterrupt:
-        _fail("interrupted; the run directory keeps every finished round's checkpoint", code=130)
+    _run(run_dpo, recipe, overrides)
 
 
 @app.command(name="eval")
