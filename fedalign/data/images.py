@@ -71,7 +71,13 @@ class ImageRef:
 
 
 def image_bytes_or_path(value: Any) -> bytes | str | None:
-    """An image cell as stored: HF ``Image`` struct ``{bytes, path}``, raw bytes, or a path string."""
+    """An image cell as stored: HF ``Image`` struct ``{bytes, path}``, raw bytes, or a path string; or
+    TRL's ``images`` list holding one of these (an empty list is no image). Raises ValueError for a list of
+    several: a pair trains on one image."""
+    if isinstance(value, list | tuple):
+        if len(value) > 1:
+            raise ValueError(f"holds {len(value)} images; fedalign trains on one image per pair")
+        return image_bytes_or_path(value[0]) if value else None
     if isinstance(value, dict):
         if value.get("bytes"):
             return bytes(value["bytes"])

@@ -1,6 +1,11 @@
 """Preference pairs for DPO: SPA-VL (``image, question, chosen, rejected``) and generic
 ``prompt, chosen, rejected`` data with an optional image, from local files or the hub.
 
+Generic data may be plain strings or TRL's conversational formats: message lists with an explicit prompt
+(e.g. trl-lib/ultrafeedback_binarized), whole conversations with an implicit prompt (Anthropic HH: the
+prompt is the shared history), or the vision format (structured content with an image placeholder, and an
+``images`` column holding the one image).
+
 Rows become TRL's conversational preference format (``prompt`` / ``chosen`` / ``rejected`` message lists);
 an image stays an :class:`~fedalign.data.images.ImageRef` until its batch is collated. Whether images are
 expected is decided by the model, not guessed from the data: a vision-language recipe refuses a row
@@ -26,6 +31,7 @@ if TYPE_CHECKING:
 
 PREFERENCE_SOURCES = ("spavl", "preference")
 _ROLES = ("prompt", "chosen", "rejected", "image", "system", "label")
+_SPEAKERS = ("system", "user", "assistant")
 # Each source's native column per role; data.columns renames them (by role or native name).
 _NATIVE: dict[str, dict[str, str | None]] = {
     "spavl": {"prompt": "question", "chosen": "chosen", "rejected": "rejected", "image": "image",
@@ -85,15 +91,73 @@ def _columns(section: DataSection) -> dict[str, str | None]:
     return native
 
 
-def _text(row: Mapping[str, Any], column: str, role: str) -> str:
+def _required(row: Mapping[str, Any], column: str, role: str) -> Any:
     value = row.get(column)
     if value is None:
         raise ValueError(f"missing required field {column!r} ({role})")
-    if not isinstance(value, str):
-        raise ValueError(f"field {column!r} ({role}) must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise ValueError(f"required field {column!r} ({role}) is empty")
     return value
+
+
+def _content_text(content: Any, where: str) -> tuple[str, int]:
+    """A message's content as text, and how many image placeholders it held.
+
+    Structured content (TRL's vision format: ``[{"type": "image"}, {"type": "text", "text": ...}]``) is
+    flattened: the row's image column is the one image, and the collator puts it back in the first user
+    turn (TRL's ``prepare_multimodal_messages``), so the placeholder itself carries nothing.
+    """
+    if isinstance(content, str):
+        return content, 0
+    if not isinstance(content, list):
+        kind = type(content).__name__
+        raise ValueError(f"{where}: content must be a string or a list of parts, got {kind}")
+    texts, images = [], 0
+    for part in content:
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind == "image":
+            images += 1
+        elif kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        else:
+            raise ValueError(f"{where}: a content part must be {{type: text, text: ...}} or {{type: image}}")
+    return "\n".join(texts), images
+
+
+def _messages(value: Any, column: str, role: str) -> tuple[list[Message], int]:
+    """A column as chat messages, and the image placeholders in them. A string is one turn (the user's
+    for the prompt, the assistant's for an answer); a list must be ``{role, content}`` messages."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError(f"required field {column!r} ({role}) is empty")
+        return [{"role": "user" if role == "prompt" else "assistant", "content": value}], 0
+    if not isinstance(value, list) or not value:
+        raise ValueError(
+            f"field {column!r} ({role}) must be a string or a non-empty list of messages, "
+            f"got {type(value).__name__ if value is not None else 'null'}"
+        )
+    messages: list[Message] = []
+    images = 0
+    for index, message in enumerate(value):
+        where = f"field {column!r} ({role}) message {index}"
+        is_message = isinstance(message, Mapping) and "content" in message
+        if not is_message or message.get("role") not in _SPEAKERS:
+            raise ValueError(f"{where} is not a message {{role: system|user|assistant, content: ...}}")
+        text, found = _content_text(message["content"], where)
+        messages.append({"role": message["role"], "content": text})
+        images += found
+    return messages, images
+
+
+def _split_shared_prompt(chosen: list[Message], rejected: list[Message]) -> tuple[list[Message], ...]:
+    """TRL's implicit-prompt format (whole conversations in ``chosen`` and ``rejected``, e.g. Anthropic
+    HH): the prompt is their longest shared prefix, cut back to end at a user turn."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    while shared and chosen[shared - 1]["role"] != "user":
+        shared -= 1
+    if not shared:
+        raise ValueError("has no prompt column and its chosen and rejected conversations share no user turn")
+    return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
 def _image_ref(value: Any, column: str, where: _Where) -> ImageRef:
@@ -147,7 +211,9 @@ def row_to_preference(
     if not isinstance(row, Mapping):
         raise ValueError(f"expected an object of named fields, got {type(row).__name__}")
     image_column = columns["image"]
-    has_image = image_column is not None and row.get(image_column) is not None
+    if image_column == "image" and "image" not in row and "images" in row:
+        image_column = "images"  # TRL's vision preference datasets: a list holding the one image
+    has_image = image_column is not None and row.get(image_column) not in (None, [])
     if has_image and not vision:
         raise ValueError(
             f"has an image (column {image_column!r}) but the model is text-only; use a vision-language "
@@ -158,25 +224,43 @@ def row_to_preference(
             f"has no image (column {image_column!r}) but the model is a vision-language model, whose "
             "recipe needs an image in every row"
         )
-    user = _text(row, columns["prompt"], "prompt")  # type: ignore[arg-type]
-    chosen = _text(row, columns["chosen"], "chosen")  # type: ignore[arg-type]
-    rejected = _text(row, columns["rejected"], "rejected")  # type: ignore[arg-type]
+    chosen_value = _required(row, columns["chosen"], "chosen")  # type: ignore[arg-type]
+    rejected_value = _required(row, columns["rejected"], "rejected")  # type: ignore[arg-type]
+    chosen, _ = _messages(chosen_value, columns["chosen"], "chosen")  # type: ignore[arg-type]
+    rejected, _ = _messages(rejected_value, columns["rejected"], "rejected")  # type: ignore[arg-type]
+    prompt_value = row.get(columns["prompt"])  # type: ignore[arg-type]
+    if prompt_value is None and isinstance(chosen_value, list) and isinstance(rejected_value, list):
+        prompt, chosen, rejected = _split_shared_prompt(chosen, rejected)
+        placeholders = 0
+    else:
+        prompt_value = _required(row, columns["prompt"], "prompt")  # type: ignore[arg-type]
+        prompt, placeholders = _messages(prompt_value, columns["prompt"], "prompt")  # type: ignore[arg-type]
+    if prompt[-1]["role"] != "user":
+        raise ValueError(f"the prompt must end with a user turn, not {prompt[-1]['role']!r}")
+    for name, answer in (("chosen", chosen), ("rejected", rejected)):
+        if not answer or answer[-1]["role"] != "assistant":
+            raise ValueError(f"the {name} answer must end with an assistant turn")
     if chosen == rejected:
         raise ValueError("chosen and rejected are identical (no preference to learn)")
+    if placeholders > 1 or (placeholders and not has_image):
+        raise ValueError(
+            f"its prompt shows {placeholders} images and column {image_column!r} holds "
+            f"{'one' if has_image else 'none'}; fedalign trains on one image per pair"
+        )
     system = section.system_prompt or ""
     if columns["system"]:
         value = row.get(columns["system"])
         system = value if isinstance(value, str) and value else system
-    prompt: list[Message] = [{"role": "system", "content": system}] if system else []
-    prompt.append({"role": "user", "content": user})
+    if system and prompt[0]["role"] != "system":
+        prompt = [{"role": "system", "content": system}, *prompt]
     label = row.get(columns["label"]) if columns["label"] else None
     image = _image_ref(row[image_column], image_column, where) if has_image else None  # type: ignore[index]
     return PreferenceExample(
         row_id,
         origin,
         prompt,
-        [{"role": "assistant", "content": chosen}],
-        [{"role": "assistant", "content": rejected}],
+        chosen,
+        rejected,
         image,
         None if label is None else str(label),
     )
@@ -204,6 +288,8 @@ def _rows(section: DataSection, path: str, split: str, key: str) -> Iterator[tup
         for name, feature in dataset.features.items():  # keep images encoded: decoded per batch only
             if isinstance(feature, datasets.Image):
                 dataset = dataset.cast_column(name, datasets.Image(decode=False))
+            elif isinstance(feature, datasets.List) and isinstance(feature.feature, datasets.Image):
+                dataset = dataset.cast_column(name, datasets.List(datasets.Image(decode=False)))
     except Exception as error:  # any loader failure is a data problem the user fixes, not a crash
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise DataError(f"{key}: could not load {path!r} split {split!r} from the hub: {first}") from None
