@@ -257,3 +257,30 @@ def test_quickstart_dpo_summary_shows_dpo_moving_the_model(tmp_path, monkeypatch
     final = [a["answer"] for a in answers if a["round"] == recipe.federation.rounds]
     assert len(final) == recipe.data.holdout
     assert sum(bool(re.match(PREFERRED_PATTERN, a)) for a in final) / len(final) == preferred[1]
+
+
+def test_pair_level_epsilon_matches_an_independent_accountant(files, tmp_path) -> None:
+    """Under ``privacy.unit: pair`` the unit is the preference pair: each client's Poisson rate is the batch
+    over its number of *pairs* (not of chosen/rejected sequences), and the ε it reports is what Opacus's
+    RDP accountant gives for that rate, σ and every local step it took."""
+    from opacus.accountants import RDPAccountant
+
+    privacy = {"unit": "pair", "target_epsilon": 8.0, "delta": 1e-3, "clip_norm": 1.0}
+    raw = dpo_recipe(str(TINY_MODEL), files["text"], tmp_path / "runs", source="preference", privacy=privacy)
+    result = _run(raw)
+    records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    plan = next(r for r in records if r["type"] == "privacy")
+    assert plan["unit"] == "pair"
+    partition = json.loads((result.run_dir / "partition.json").read_text())
+    batch, steps = raw["train"]["batch_size"], raw["federation"]["local_steps"]
+    visits = [r for r in records if r["type"] == "client"]
+    assert visits
+    for client in {r["client"] for r in visits}:
+        pairs = partition["clients"][client]["num_rows"]
+        assert plan["q"][client] == pytest.approx(batch / pairs)
+        independent = RDPAccountant()
+        for _ in range(steps * sum(r["client"] == client for r in visits)):
+            independent.step(noise_multiplier=plan["sigma"], sample_rate=plan["q"][client])
+        reported = [r["epsilon"] for r in visits if r["client"] == client][-1]
+        assert reported == pytest.approx(independent.get_epsilon(delta=1e-3), rel=0.01)
+        assert reported <= 8.0
