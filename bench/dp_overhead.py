@@ -24,6 +24,7 @@ for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
+from harness import CPU_TRAINER_ARGS  # noqa: E402
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
@@ -60,13 +61,8 @@ def build(hidden: int, inter: int, layers: int, vocab: int, out: Path) -> tuple[
         output_dir=str(out),
         per_device_train_batch_size=8,
         max_length=128,
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to=[],
-        save_strategy="no",
+        **CPU_TRAINER_ARGS,
         logging_strategy="no",
-        disable_tqdm=True,
     )
     dataset = Dataset.from_list(rows)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
@@ -119,8 +115,10 @@ def measure(name: str, shape: tuple[int, int, int, int], steps: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps of each kind (5 or more)")
     args = parser.parse_args()
+    if args.steps < 5:
+        parser.error("--steps must be 5 or more: steps are timed in blocks of 5 after a warm-up block")
     torch.set_num_threads(2)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

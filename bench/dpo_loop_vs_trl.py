@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +25,7 @@ for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
+from harness import CPU_TRAINER_ARGS, alternate, round_loop_seconds  # noqa: E402
 from rich.console import Console  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
@@ -57,9 +56,7 @@ def recipe(out: Path) -> dict:
 
 
 def time_fedalign(raw: dict) -> float:
-    result = run_dpo(validate_recipe(raw), Console(file=io.StringIO()))
-    lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
-    return next(json.loads(x) for x in lines if '"summary"' in x)["rounds_wall_s"]
+    return round_loop_seconds(run_dpo(validate_recipe(raw), Console(file=io.StringIO())).run_dir)
 
 
 def time_bare_trl(raw: dict, out: Path) -> float:
@@ -79,14 +76,9 @@ def time_bare_trl(raw: dict, out: Path) -> float:
         lr_scheduler_type="constant",
         max_length=None,
         beta=0.1,
-        gradient_checkpointing=False,
         remove_unused_columns=False,
-        use_cpu=True,
-        bf16=False,  # TRL's configs default to bf16 autocast; fedalign's CPU runs are float32
-        report_to=[],
-        save_strategy="no",
         logging_strategy="no",
-        disable_tqdm=True,
+        **CPU_TRAINER_ARGS,
         dataloader_num_workers=0,
     )
     trainer = DPOTrainer(
@@ -113,14 +105,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         raw = recipe(root / "runs")
-        time_fedalign(raw)  # warm-up: first-touch costs go to neither side
-        fed, bare = [], []
-        for i in range(args.repeats):
-            fed.append(time_fedalign(raw))
-            bare.append(time_bare_trl(raw, root / f"bare{i}"))
-            ratio = fed[-1] / bare[-1]
-            print(f"repeat {i + 1}: fedalign {fed[-1]:.2f} s, bare TRL {bare[-1]:.2f} s, ratio {ratio:.3f}")
-    fed_s, bare_s = statistics.median(fed), statistics.median(bare)
+        fed_s, bare_s = alternate(
+            lambda: time_fedalign(raw), lambda i: time_bare_trl(raw, root / f"bare{i}"), args.repeats
+        )
     print(f"tiny LLaVA DPO; 200 optimizer steps of 4 pairs; torch threads {torch.get_num_threads()}")
     print(f"median fedalign loop {fed_s:.2f} s / median bare TRL {bare_s:.2f} s = {fed_s / bare_s:.3f}x")
 

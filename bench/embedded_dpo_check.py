@@ -40,6 +40,7 @@ from typing import Any  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
+from harness import CPU_TRAINER_ARGS  # noqa: E402
 from peft import (  # noqa: E402
     LoraConfig,
     PeftModel,
@@ -273,17 +274,12 @@ def main() -> None:
         learning_rate=args.lr,
         lr_scheduler_type="constant",
         beta=args.beta,
-        bf16=False,
-        use_cpu=True,
         max_length=None,
+        **CPU_TRAINER_ARGS,
         remove_unused_columns=False,
-        report_to=[],
-        gradient_checkpointing=False,
         logging_steps=max(1, steps // 10),
-        save_strategy="no",
         seed=args.seed,
         dataloader_num_workers=0,
-        disable_tqdm=True,
     )
     trainer = DPOTrainer(
         model=model,

@@ -16,7 +16,6 @@ import io
 import json
 import os
 import random
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
+from harness import CPU_TRAINER_ARGS, alternate, round_loop_seconds  # noqa: E402
 from rich.console import Console  # noqa: E402
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
@@ -90,9 +90,7 @@ def recipe(model_dir: Path, data: Path, out: Path) -> dict:
 
 
 def time_fedalign(raw: dict) -> float:
-    result = run_sft(validate_recipe(raw), Console(file=io.StringIO()))
-    lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
-    return next(json.loads(x) for x in lines if '"summary"' in x)["rounds_wall_s"]
+    return round_loop_seconds(run_sft(validate_recipe(raw), Console(file=io.StringIO())).run_dir)
 
 
 def time_bare_trl(raw: dict, out: Path) -> float:
@@ -108,13 +106,8 @@ def time_bare_trl(raw: dict, out: Path) -> float:
         lr_scheduler_type="constant",
         max_length=128,
         optim=spec.train.optim,
-        gradient_checkpointing=False,
-        use_cpu=True,
-        bf16=False,  # TRL's configs default to bf16 autocast; fedalign's CPU runs are float32
-        report_to=[],
-        save_strategy="no",
         logging_strategy="no",
-        disable_tqdm=True,
+        **CPU_TRAINER_ARGS,
     )
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer
@@ -136,14 +129,9 @@ def main() -> None:
         model_dir, data = build_setting(root)
         raw = recipe(model_dir, data, root / "runs")
         n_params = sum(p.numel() for p in LlamaForCausalLM.from_pretrained(model_dir).parameters())
-        time_fedalign(raw)  # warm-up: first-touch costs go to neither side
-        fed, bare = [], []
-        for i in range(args.repeats):
-            fed.append(time_fedalign(raw))
-            bare.append(time_bare_trl(raw, root / f"bare{i}"))
-            ratio = fed[-1] / bare[-1]
-            print(f"repeat {i + 1}: fedalign {fed[-1]:.2f} s, bare TRL {bare[-1]:.2f} s, ratio {ratio:.3f}")
-    fed_s, bare_s = statistics.median(fed), statistics.median(bare)
+        fed_s, bare_s = alternate(
+            lambda: time_fedalign(raw), lambda i: time_bare_trl(raw, root / f"bare{i}"), args.repeats
+        )
     print(f"model {n_params / 1e6:.2f}M params; 200 optimizer steps; torch threads {torch.get_num_threads()}")
     print(f"median fedalign loop {fed_s:.2f} s / median bare TRL {bare_s:.2f} s = {fed_s / bare_s:.3f}x")
 
