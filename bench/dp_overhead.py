@@ -31,6 +31,7 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from fedalign.models.loading import attach_lora  # noqa: E402
 from fedalign.privacy.dpsgd import PrivateGradientStep  # noqa: E402
+from fedalign.privacy.randomness import SecretRandomness  # noqa: E402
 from fedalign.recipe import LoraSection  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +88,7 @@ def measure(name: str, shape: tuple[int, int, int, int], steps: int) -> None:
         lora = [p for p in model.parameters() if p.requires_grad]
         trainer.create_optimizer_and_scheduler(num_training_steps=10_000)
         timings: dict[str, list[float]] = {"plain": [], "private": []}
-        noise = torch.Generator().manual_seed(1)
+        noise = SecretRandomness.fresh()
         # Blocks of 5 steps of each kind; hooks are attached (outside the timing) only for private blocks.
         for block in range(steps // 5 + 1):
             for _ in range(5):
@@ -96,7 +97,7 @@ def measure(name: str, shape: tuple[int, int, int, int], steps: int) -> None:
                 if block:  # the first block of each kind is warm-up
                     timings["plain"].append(time.perf_counter() - started)
             with PrivateGradientStep(
-                model, clip_norm=1.0, noise_multiplier=1.0, unit="example", noise_generator=noise
+                model, clip_norm=1.0, noise_multiplier=1.0, unit="example", noise=noise
             ) as private:
                 for _ in range(5):
                     started = time.perf_counter()

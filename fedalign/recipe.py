@@ -164,13 +164,31 @@ class PrivacySection(Section):
     noise_multiplier: float | None = Field(default=None, gt=0, description="σ, when not calibrated")
     delta: float = Field(default=1e-5, gt=0, lt=1)
     clip_norm: float = Field(default=1.0, gt=0)
-    accountant: Literal["rdp", "prv"] = "rdp"
-    sampling: Literal["poisson", "shuffle"] = "poisson"
+    accountant: Literal["pld", "prv", "rdp"] = Field(
+        default="pld",
+        description="pld: dp-accounting's PLD (tightest, the default); prv: Opacus PRV; rdp: Opacus RDP",
+    )
+    sampling: Literal["poisson", "shuffle"] = Field(
+        default="poisson",
+        description="client-level cohorts: Poisson at rate k/N, or exactly k without replacement "
+        "(accounted under replace-one neighbours, rdp accountant only)",
+    )
+    randomness: Literal["secret", "seeded"] = Field(
+        default="secret",
+        description="secret: DP noise and sampling keyed by OS entropy kept in the run's private/ folder; "
+        "seeded: derived from the public seed (reproducible, and then ε is no guarantee against anyone "
+        "holding the seed)",
+    )
 
     @model_validator(mode="after")
     def _one_of(self) -> PrivacySection:
         if self.unit != "none" and self.noise_multiplier is None and self.target_epsilon is None:
             raise ValueError(f"unit {self.unit!r} needs target_epsilon (σ is calibrated) or noise_multiplier")
+        if self.unit == "client" and self.sampling == "shuffle" and self.accountant != "rdp":
+            raise ValueError(
+                "sampling 'shuffle' (fixed-size cohorts without replacement) is accounted soundly only by "
+                "accountant 'rdp' (replace-one neighbours); set accountant: rdp, or sampling: poisson"
+            )
         return self
 
     @property

@@ -15,6 +15,7 @@ from fedalign.errors import RecipeError
 from fedalign.models.loading import attach_lora
 from fedalign.privacy.dpsgd import PrivateGradientStep
 from fedalign.privacy.pairs import dpo_pair_loss, ensure_pair_decomposable
+from fedalign.privacy.randomness import SecretRandomness
 from fedalign.recipe import LoraSection
 
 from .conftest import TINY_MODEL
@@ -136,7 +137,7 @@ def middle_clip(pair_grads: list[torch.Tensor]) -> float:
 def private_grad(trainer, inputs, clip: float, unit: str) -> tuple[torch.Tensor, int, int]:
     model = trainer.model
     with PrivateGradientStep(
-        model, clip_norm=clip, noise_multiplier=0.0, unit=unit, noise_generator=torch.Generator()
+        model, clip_norm=clip, noise_multiplier=0.0, unit=unit, noise=SecretRandomness.fresh()
     ) as private:
         info = private.step(inputs, expected_batch_size=1.0, loss_fn=dpo_pair_loss(trainer))
     grad = flat_grad(model)

@@ -19,6 +19,7 @@ from fedalign.privacy.dpsgd import (
     poisson_batches,
     snapshot,
 )
+from fedalign.privacy.randomness import SecretRandomness
 from fedalign.recipe import LoraSection
 
 from .conftest import TINY_MODEL
@@ -99,9 +100,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def step_for(model, clip: float, sigma: float = 0.0, unit: str = "example", seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
     return PrivateGradientStep(
-        model, clip_norm=clip, noise_multiplier=sigma, unit=unit, noise_generator=generator
+        model,
+        clip_norm=clip,
+        noise_multiplier=sigma,
+        unit=unit,
+        noise=SecretRandomness.from_seed(seed),
     )
 
 
@@ -241,14 +245,15 @@ def test_empty_poisson_batch_is_a_noise_only_step() -> None:
 
 
 def test_poisson_batches_vary_average_q_n_and_are_reproducible() -> None:
-    sizes = [len(b) for b in poisson_batches(200, 0.05, 400, torch.Generator().manual_seed(0))]
+    key = SecretRandomness.fresh()
+    sizes = [len(b) for b in poisson_batches(200, 0.05, 400, key)]
     assert abs(sum(sizes) / len(sizes) - 10.0) < 1.0 and len(set(sizes)) > 5
-    small = list(poisson_batches(20, 0.05, 50, torch.Generator().manual_seed(0)))
+    small = list(poisson_batches(20, 0.05, 50, key))
     assert [] in small and all(b == sorted(set(b)) and all(0 <= i < 20 for i in b) for b in small)
-    assert small == list(poisson_batches(20, 0.05, 50, torch.Generator().manual_seed(0)))
-    assert small != list(poisson_batches(20, 0.05, 50, torch.Generator().manual_seed(1)))
+    assert small == list(poisson_batches(20, 0.05, 50, key))  # the key's holder can replay them
+    assert small != list(poisson_batches(20, 0.05, 50, SecretRandomness.fresh()))
     with pytest.raises(ValueError):
-        poisson_batches(20, 1.5, 1, torch.Generator())
+        poisson_batches(20, 1.5, 1, key)
 
 
 def test_opacus_820_guard(rows, collate) -> None:

@@ -133,10 +133,15 @@ class Algorithm:
         """Tensors to write into the client's adapter before local training (the rest stay as they are)."""
         return received
 
+    def uploaded_factors(self, round_idx: int) -> frozenset[Factor]:
+        """The factors a one-stage upload carries: the trained ones by default. Client-level DP noises
+        exactly these (so RoLoRA's inactive factor and FedSA-LoRA's private B get none)."""
+        return self.trainable(round_idx)
+
     def client_upload(
         self, stage: int, round_idx: int, trained: Tensors, reply: Tensors, state: ClientState
     ) -> Tensors:
-        return select(trained, self.trainable(round_idx))
+        return select(trained, self.uploaded_factors(round_idx))
 
     def server_step(self, stage: int, round_idx: int, summed: Tensors, glob: Tensors) -> Tensors:
         """Replace the uploaded tensors of the global adapter by their weighted average."""

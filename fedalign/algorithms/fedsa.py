@@ -9,7 +9,15 @@ each client's personal model is that A with the B in its state file.
 
 from typing import Literal
 
-from fedalign.algorithms.base import Algorithm, AlgorithmConfig, ClientState, Tensors, register, select
+from fedalign.algorithms.base import (
+    Algorithm,
+    AlgorithmConfig,
+    ClientState,
+    Factor,
+    Tensors,
+    register,
+    select,
+)
 
 
 class FedSAConfig(AlgorithmConfig):
@@ -32,10 +40,8 @@ class FedSA(Algorithm):
         own_b = select(state.tensors, {"B"}) or self._initial_b
         return {**received, **own_b}
 
-    def client_upload(
-        self, stage: int, round_idx: int, trained: Tensors, reply: Tensors, state: ClientState
-    ) -> Tensors:
-        return select(trained, {"A", "full"})
+    def uploaded_factors(self, round_idx: int) -> frozenset[Factor]:
+        return frozenset({"A", "full"})
 
     def local_end(self, round_idx: int, trained: Tensors, state: ClientState) -> ClientState:
         state.tensors = {**state.tensors, **select(trained, {"B"})}

@@ -29,6 +29,7 @@ from fedalign.algorithms.base import Tensors
 from fedalign.client.loop import LocalResult, VisitLoop
 from fedalign.data.preferences import PreferenceExample
 from fedalign.privacy.pairs import dpo_pair_loss, ensure_pair_decomposable
+from fedalign.privacy.randomness import SecretRandomness
 from fedalign.recipe import DPOSection, PrivacySection, TrainSection
 
 _TEXT_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
@@ -162,9 +163,10 @@ class DPOLocalTrainer:
         optimizer_state: Tensors | None = None,
         sample_rate: float | None = None,
         before_step: Callable[[], None] | None = None,
+        randomness: SecretRandomness | None = None,
     ) -> LocalResult:
         """One client visit: ``steps`` optimizer steps on ``rows`` (see :meth:`VisitLoop.train`)."""
-        return self.loop.train(rows, steps, generator, optimizer_state, sample_rate, before_step)
+        return self.loop.train(rows, steps, generator, optimizer_state, sample_rate, before_step, randomness)
 
     # -- evaluation -------------------------------------------------------------------------------------
     @torch.no_grad()

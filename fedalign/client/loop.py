@@ -27,6 +27,7 @@ from fedalign.privacy.dpsgd import (
     poisson_batches,
     snapshot,
 )
+from fedalign.privacy.randomness import SecretRandomness
 from fedalign.recipe import PrivacySection, TrainSection
 
 
@@ -53,8 +54,11 @@ class VisitBatches:
     """Batch indices for one visit: passes over the client's rows in an order drawn from ``generator``.
 
     Each pass is a fresh permutation (sampling without replacement within a pass), repeated as often as
-    the visit's ``count`` batches need. The order depends only on the generator, which the runtime seeds
-    from (run seed, client, round), so a visit is reproducible and resumable without stored cursors.
+    the visit's ``count`` batches need. A batch never holds a row twice: when a pass ends inside a batch,
+    the rows of the next pass that are already in that batch go to the end of that pass. The order depends
+    only on the generator, which the runtime seeds from (run seed, client, round), so a visit is
+    reproducible and resumable without stored cursors. (Non-private training only: DP-SGD draws Poisson
+    batches from the client's secret, see :func:`~fedalign.privacy.dpsgd.poisson_batches`.)
     """
 
     def __init__(self, num_rows: int, batch_size: int, count: int, generator: torch.Generator) -> None:
@@ -69,7 +73,9 @@ class VisitBatches:
             batch: list[int] = []
             while len(batch) < min(self.batch_size, self.num_rows):
                 if not order:
-                    order = torch.randperm(self.num_rows, generator=self.generator).tolist()
+                    fresh = torch.randperm(self.num_rows, generator=self.generator).tolist()
+                    taken = set(batch)  # order is consumed from its end: rows already taken go first
+                    order = [r for r in fresh if r in taken] + [r for r in fresh if r not in taken]
                 batch.append(order.pop())
             yield batch
 
@@ -144,7 +150,7 @@ class VisitLoop:
             self.enable_activation_checkpointing(reentrant=True)
         self._privacy = (privacy, noise_multiplier)
 
-    def _private_step(self, noise: torch.Generator) -> PrivateGradientStep:
+    def _private_step(self, noise: SecretRandomness) -> PrivateGradientStep:
         """The per-sample gradient hooks for the current trainable set (re-attached if it changed)."""
         trainable = tuple(n for n, p in self.model.named_parameters() if p.requires_grad)
         if self._private is None or self._private_for != trainable:
@@ -157,10 +163,10 @@ class VisitLoop:
                 clip_norm=privacy.clip_norm,
                 noise_multiplier=sigma,
                 unit=self.unit,  # type: ignore[arg-type]
-                noise_generator=noise,
+                noise=noise,
             )
             self._private_for = trainable
-        self._private.generator = noise
+        self._private.noise = noise
         return self._private
 
     # -- a visit ------------------------------------------------------------------------------------------
@@ -172,13 +178,15 @@ class VisitLoop:
         optimizer_state: Tensors | None = None,
         sample_rate: float | None = None,
         before_step: Callable[[], None] | None = None,
+        randomness: SecretRandomness | None = None,
     ) -> LocalResult:
         """Run ``steps`` optimizer steps on ``rows`` (a client's rows: anything indexable the collator takes)
         with a new (or the given) optimizer state.
 
-        ``sample_rate`` (private runs only) is the Poisson rate at which each step draws the client's rows;
-        ``before_step`` runs after the gradient is formed and before the optimizer uses it (the algorithm's
-        extra gradient term).
+        ``generator`` orders non-private batches. Private runs only: ``sample_rate`` is the Poisson rate at
+        which each step draws the client's rows, and ``randomness`` (the client's secret for this visit)
+        decides those draws and the noise. ``before_step`` runs after the gradient is formed and before the
+        optimizer uses it (the algorithm's extra gradient term).
         """
         self._before_step = before_step
         trainer = self.trainer
@@ -189,8 +197,9 @@ class VisitLoop:
         if self._privacy is None:
             result = self._plain_steps(rows, steps, generator)
         else:
-            assert sample_rate is not None
-            result = self._private_steps(rows, steps, generator, sample_rate)
+            if sample_rate is None or randomness is None:
+                raise ValueError("a private visit needs its sample_rate and the client's secret randomness")
+            result = self._private_steps(rows, steps, randomness, sample_rate)
         for values in trainer._metrics["train"].values():  # TRL appends per-step metrics; we log our own
             values.clear()
         if self.train_cfg.optimizer_state == "persist":
@@ -234,14 +243,15 @@ class VisitLoop:
         return result
 
     def _private_steps(
-        self, rows: Any, steps: int, generator: torch.Generator, sample_rate: float
+        self, rows: Any, steps: int, randomness: SecretRandomness, sample_rate: float
     ) -> LocalResult:
-        noise = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        noise = randomness.child("noise")
         private = self._private_step(noise)
         loss_fn = self._private_loss()
         device = self.trainer.args.device
         result = LocalResult(steps=steps, losses=[], examples=0, tokens=0)
-        for indices in poisson_batches(len(rows), sample_rate, steps, generator):
+        batches = poisson_batches(len(rows), sample_rate, steps, randomness.child("rows"))
+        for step, indices in enumerate(batches):
             inputs = None
             if indices:
                 batch = self.trainer.data_collator([rows[i] for i in indices])
@@ -250,7 +260,9 @@ class VisitLoop:
                 result.examples += units
                 result.tokens += tokens
             guard = snapshot(self.model) if not self._guard_passed else None
-            info = private.step(inputs, expected_batch_size=sample_rate * len(rows), loss_fn=loss_fn)
+            info = private.step(
+                inputs, expected_batch_size=sample_rate * len(rows), loss_fn=loss_fn, noise=noise.child(step)
+            )
             self._optimizer_step()
             if guard is not None and private.noise_multiplier > 0:
                 assert_only_lora_changed(guard, self.model)  # opacus#820: hooks attached to the placed model

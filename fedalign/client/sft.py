@@ -19,6 +19,7 @@ from datasets import Dataset
 
 from fedalign.algorithms.base import Tensors
 from fedalign.client.loop import LocalResult, VisitBatches, VisitLoop
+from fedalign.privacy.randomness import SecretRandomness
 from fedalign.recipe import PrivacySection, TrainSection
 
 __all__ = ["LocalResult", "SFTLocalTrainer", "VisitBatches"]
@@ -109,9 +110,10 @@ class SFTLocalTrainer:
         optimizer_state: Tensors | None = None,
         sample_rate: float | None = None,
         before_step: Callable[[], None] | None = None,
+        randomness: SecretRandomness | None = None,
     ) -> LocalResult:
         """One client visit: ``steps`` optimizer steps on ``rows`` (see :meth:`VisitLoop.train`)."""
-        return self.loop.train(rows, steps, generator, optimizer_state, sample_rate, before_step)
+        return self.loop.train(rows, steps, generator, optimizer_state, sample_rate, before_step, randomness)
 
     @torch.no_grad()
     def evaluate(self, rows: Dataset, batch_size: int) -> float:

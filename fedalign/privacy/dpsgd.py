@@ -29,6 +29,8 @@ import torch
 from opacus.grad_sample import GradSampleHooks
 from torch import nn
 
+from fedalign.privacy.randomness import SecretRandomness
+
 Batch = Mapping[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 Unit = Literal["example", "pair"]
@@ -72,20 +74,19 @@ def per_sequence_loss(model: nn.Module, inputs: Batch) -> torch.Tensor:
 
 
 def poisson_batches(
-    num_rows: int, sample_rate: float, steps: int, generator: torch.Generator
+    num_rows: int, sample_rate: float, steps: int, randomness: SecretRandomness
 ) -> Iterator[list[int]]:
     """Row indices for ``steps`` batches, each row in each batch independently with probability q.
 
-    This is the sampling the RDP/PRV accountants' subsampled-Gaussian analysis assumes: batch sizes vary
-    and may be zero. Draws come only from ``generator``, so a visit is reproducible.
+    This is the sampling the accountants' subsampled-Gaussian analysis assumes: batch sizes vary and may be
+    zero. Step ``i`` draws from ``randomness.child(i)`` only: secret, and replayable by the key's holder.
     """
     if num_rows < 0 or steps < 0 or not 0.0 <= sample_rate <= 1.0:
         raise ValueError(f"poisson_batches: need num_rows, steps >= 0 and 0 <= q <= 1, got q={sample_rate}")
 
     def draws() -> Iterator[list[int]]:
-        for _ in range(steps):
-            take = torch.rand(num_rows, generator=generator, device=generator.device) < sample_rate
-            yield take.nonzero().flatten().tolist()
+        for step in range(steps):
+            yield randomness.child(step).bernoulli(num_rows, sample_rate)
 
     return draws()
 
@@ -135,7 +136,8 @@ class PrivateGradientStep:
         info = private.step(batch_or_micro_batches, expected_batch_size=q * n)
         optimizer.step(); optimizer.zero_grad()
 
-    ``noise_generator`` is the only randomness used (drawn on its own device, then moved to each tensor's).
+    ``noise`` is the only randomness used: step ``i`` draws from ``noise.child(i)`` unless the caller passes
+    its own stream to :meth:`step` (see :mod:`fedalign.privacy.randomness`; never a seeded generator).
     Call :meth:`detach` (or use as a context manager) to remove the hooks and Opacus' attributes.
     """
 
@@ -146,7 +148,7 @@ class PrivateGradientStep:
         clip_norm: float,
         noise_multiplier: float,
         unit: Unit,
-        noise_generator: torch.Generator,
+        noise: SecretRandomness,
     ) -> None:
         if not clip_norm > 0 or not (0 <= noise_multiplier < math.inf):
             raise ValueError(
@@ -157,7 +159,8 @@ class PrivateGradientStep:
         if unit not in ("example", "pair"):
             raise ValueError(f"unit must be 'example' or 'pair', got {unit!r}")
         check_checkpointing(model)
-        self.model, self.unit, self.generator = model, unit, noise_generator
+        self.model, self.unit, self.noise = model, unit, noise
+        self._steps = 0
         self.clip_norm, self.noise_multiplier = float(clip_norm), float(noise_multiplier)
         self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         if not self.params:
@@ -227,12 +230,14 @@ class PrivateGradientStep:
         inputs: Batch | Sequence[Batch] | None,
         expected_batch_size: float,
         loss_fn: LossFn = per_sequence_loss,
+        noise: SecretRandomness | None = None,
     ) -> StepInfo:
         """Set ``p.grad`` to the private gradient of one logical batch; the caller runs the optimizer.
 
         ``inputs`` is a collated batch, a sequence of micro-batches of one Poisson draw (clipped one by one,
         noised once), or None/[] for an empty draw, which yields the noise-only gradient without running the
-        model. ``expected_batch_size`` is q·n in units (pairs for ``unit='pair'``).
+        model. ``expected_batch_size`` is q·n in units (pairs for ``unit='pair'``). ``noise``: this step's
+        stream (default: the next child of the constructor's).
         """
         if not expected_batch_size > 0:
             raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}")
@@ -252,10 +257,14 @@ class PrivateGradientStep:
             clipped += int((norms > self.clip_norm).sum())
             loss_sum += batch_loss
         std = self.noise_multiplier * self.clip_norm
+        if noise is None:
+            noise = self.noise.child(self._steps)
+        self._steps += 1
+        if std > 0:  # one draw for all tensors of the step, split in parameter order
+            flat = noise.gaussian(sum(t.numel() for t in sums), std, device=sums[0].device)
+            for total, values in zip(sums, flat.split([t.numel() for t in sums]), strict=True):
+                total += values.view(total.shape).to(total.device)
         for total, p in zip(sums, self.params.values(), strict=True):
-            if std > 0:
-                noise = torch.randn(p.shape, generator=self.generator, device=self.generator.device)
-                total += std * noise.to(total.device)
             p.grad = (total / expected_batch_size).to(p.dtype)
         return StepInfo(batch_size=units, loss_sum=loss_sum, clipped=clipped)
 

@@ -7,6 +7,15 @@ never checks, so a client picked more often overshoots. One σ serves all client
 client with the largest q_i (the smallest) over the planned number of local steps,
 rounds · local_steps · clients_per_round / num_clients. A client whose next visit would cross
 ``target_epsilon`` is not trained again.
+
+The budget check runs for every client every round (the runtime samples among the clients that still
+have budget), so it is answered without an accountant whenever it can be: with σ calibrated for the
+largest q_i over ``planned_steps``, any client with q_i ≤ that q can take ``planned_steps`` steps within the
+target (ε grows with q and with steps). Past that, the accountant decides, once per client and spend.
+
+Each client's sampling rate, and so its own ε, follows from its row count: like every DP-SGD
+implementation, the accounting treats a client's dataset size as public. The run keeps both in the
+client-private metrics anyway and publishes only the largest ε.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ class ExampleLevelDP:
     local_steps: int
     planned_steps: int
     ledgers: dict[int, Ledger] = field(default_factory=dict)
-    spent: dict[int, float] = field(default_factory=dict)  # ε per client after its last visit (PRV is slow)
+    spent: dict[int, float] = field(default_factory=dict)  # ε per client, once per spend (PLD is slow)
     # can_visit's answer per client; it changes only when that client spends, so it is recomputed then only.
     _can_visit: dict[int, bool] = field(default_factory=dict)
 
@@ -60,30 +69,47 @@ class ExampleLevelDP:
         return self.ledgers.setdefault(client, Ledger())
 
     def can_visit(self, client: int) -> bool:
+        """Whether the client's next visit keeps its ε within ``target_epsilon``."""
         if self.cfg.target_epsilon is None:
             return True
         if client not in self._can_visit:
-            after = self.ledger(client).epsilon_after(
-                self.sigma, self.sample_rates[client], self.local_steps, self.cfg.delta, self.cfg.accountant
+            ledger = self.ledger(client)
+            within_plan = (
+                self.cfg.noise_multiplier is None
+                and ledger.steps + self.local_steps <= self.planned_steps
+                and self.sample_rates[client] <= max(self.sample_rates)
             )
-            self._can_visit[client] = after <= self.cfg.target_epsilon
+            self._can_visit[client] = within_plan or (
+                ledger.epsilon_after(
+                    self.sigma,
+                    self.sample_rates[client],
+                    self.local_steps,
+                    self.cfg.delta,
+                    self.cfg.accountant,
+                )
+                <= self.cfg.target_epsilon
+            )
         return self._can_visit[client]
+
+    def clients_with_budget(self) -> list[int]:
+        return [c for c in range(len(self.sample_rates)) if self.can_visit(c)]
 
     def anyone_can_visit(self) -> bool:
         return any(self.can_visit(c) for c in range(len(self.sample_rates)))
 
-    def record_visit(self, client: int, steps: int) -> float:
-        """Spend the steps a visit actually took (empty Poisson draws included); returns the client's ε."""
+    def record_visit(self, client: int, steps: int) -> None:
+        """Spend the steps a visit actually took (empty Poisson draws included)."""
         self.ledger(client).spend(self.sigma, self.sample_rates[client], steps)
         self._can_visit.pop(client, None)
-        self.spent[client] = self.epsilon(client)
-        return self.spent[client]
+        self.spent.pop(client, None)
 
     def epsilon(self, client: int) -> float:
-        return self.ledger(client).epsilon(self.cfg.delta, self.cfg.accountant)
+        if client not in self.spent:
+            self.spent[client] = self.ledger(client).epsilon(self.cfg.delta, self.cfg.accountant)
+        return self.spent[client]
 
     def max_epsilon(self) -> float:
-        return max(self.spent.values(), default=0.0)
+        return max((self.epsilon(c) for c in self.ledgers), default=0.0)
 
     def to_json(self) -> dict[str, list[list[float]]]:
         return {str(c): ledger.to_json() for c, ledger in self.ledgers.items()}

@@ -5,9 +5,16 @@ place, trains, and reads the result back. The server only ever sees the weighted
 uploads (see :mod:`fedalign.algorithms.base`), and the bytes each client sends and receives are counted
 here, where the tensors cross between the client and the server side.
 
-Randomness is owned, never global: client sampling draws from its own generator (whose state is part of
-every checkpoint), and each visit's data order and dropout come from a seed derived from
-(run seed, client, round), so any round can be replayed without stored cursors.
+Randomness is owned, never global. What the public seed decides (so non-private runs replay exactly):
+client sampling outside client-level DP (its generator's state is in every checkpoint), and each
+visit's batch order and dropout, from a seed derived from (run seed, client, round). What a DP guarantee
+rests on never comes from the seed: under example/pair-level DP each client's Poisson batches and noise
+come from that client's secret, under client-level DP the cohort and the noise from the server's
+(:mod:`fedalign.privacy.randomness`).
+
+A DP run never stalls on budgets: under example/pair-level DP a round samples among the clients that can
+still take a visit within ``target_epsilon`` (cohorts stay full while enough have budget; a round with
+fewer says so), and the runtime stops when nobody has budget left.
 """
 
 from __future__ import annotations
@@ -26,13 +33,15 @@ from fedalign.algorithms.base import (
     GradientTerm,
     Tensors,
     payload_bytes,
+    select,
     weighted_sum,
 )
 from fedalign.models.adapter import AdapterSlots
 from fedalign.privacy.client_level import ClientLevelDP, clip_update
 from fedalign.privacy.example_level import ExampleLevelDP
+from fedalign.privacy.randomness import RunSecrets, SecretRandomness
 from fedalign.recipe import FederationSection
-from fedalign.runtime.metrics import MetricsLog, peak_memory_mib
+from fedalign.runtime.metrics import MetricsLog, PeakMemory
 from fedalign.runtime.state import ClientStateStore
 
 
@@ -47,6 +56,7 @@ class LocalTrainer(Protocol):
         optimizer_state: Tensors | None,
         sample_rate: float | None = None,
         before_step: Callable[[], None] | None = None,
+        randomness: SecretRandomness | None = None,
     ) -> Any: ...
 
 
@@ -66,8 +76,16 @@ class Visit:
     bytes_up: int = 0
     bytes_down: int = 0
     wall_s: float = 0.0
+    peak_mib: float = 0.0
     update_norm: float | None = None  # before clipping, under client-level DP
-    epsilon: float | None = None  # the client's ε so far, under example-level DP
+
+
+@dataclass
+class Cohort:
+    """The clients of one round and, under example/pair-level DP, how many had no budget left for it."""
+
+    clients: list[int]
+    out_of_budget: int = 0
 
 
 def _mean_loss(visits: list[Visit]) -> float | None:
@@ -96,18 +114,29 @@ class Federation:
         device: torch.device,
         client_dp: ClientLevelDP | None = None,
         example_dp: ExampleLevelDP | None = None,
+        secrets: RunSecrets | None = None,
     ) -> None:
         self.algorithm, self.slots, self.trainer = algorithm, slots, trainer
         self.client_rows, self.cfg, self.store, self.metrics = client_rows, federation, store, metrics
         self.seed, self.persist_optimizer, self.device = seed, persist_optimizer, device
         self.sampler = np.random.default_rng(np.random.SeedSequence([seed, 1]))
-        self.client_dp, self.example_dp = client_dp, example_dp
+        self.client_dp, self.example_dp, self.secrets = client_dp, example_dp, secrets
+        if example_dp is not None and secrets is None:
+            raise ValueError("example/pair-level DP needs each client's secret randomness")
+        self.memory = PeakMemory(device)
         self.epsilon: float | None = None
-        self.out_of_budget: list[int] = []
 
-    def sample(self) -> list[int]:
-        chosen = self.sampler.choice(self.cfg.num_clients, size=self.cfg.clients_per_round, replace=False)
-        return sorted(int(c) for c in chosen)
+    def select(self, round_idx: int) -> Cohort:
+        """Who takes part in round ``round_idx`` (the *select clients* point of a round)."""
+        if self.client_dp is not None:
+            return Cohort(self.client_dp.sample(round_idx))
+        if self.example_dp is None:
+            chosen = self.sampler.choice(self.cfg.num_clients, size=self.cfg.clients_per_round, replace=False)
+            return Cohort(sorted(int(c) for c in chosen))
+        eligible = self.example_dp.clients_with_budget()
+        size = min(self.cfg.clients_per_round, len(eligible))
+        chosen = self.sampler.choice(np.asarray(eligible, dtype=np.int64), size=size, replace=False)
+        return Cohort(sorted(int(c) for c in chosen), self.cfg.num_clients - len(eligible))
 
     def _weights(self, clients: list[int]) -> list[float]:
         if self.cfg.weighting == "uniform":
@@ -118,12 +147,17 @@ class Federation:
     def _local_training(self, client: int, round_idx: int, received: Tensors, weight: float) -> Visit:
         """The client side of a round up to its first upload: load state, start adapter, train K steps."""
         started = time.perf_counter()
+        self.memory.reset()
         state = self.store.load(client)
         self.slots.write(self.algorithm.local_start(round_idx, received, state))
         self.slots.set_trainable(self.algorithm.trainable(round_idx))
         seed = visit_seed(self.seed, client, round_idx)
         torch.manual_seed(seed)  # dropout inside the visit
-        rate = None if self.example_dp is None else self.example_dp.sample_rates[client]
+        rate, secret = None, None
+        if self.example_dp is not None:
+            assert self.secrets is not None
+            rate = self.example_dp.sample_rates[client]
+            secret = self.secrets.client(client).child("visit", round_idx)
         term = self.algorithm.gradient_term(round_idx, received, state)
         result = self.trainer.train(
             self.client_rows[client],
@@ -132,13 +166,15 @@ class Federation:
             state.optimizer if self.persist_optimizer else None,
             sample_rate=rate,
             before_step=None if term is None else self._gradient_term_applier(term),
+            randomness=secret,
         )
         if self.persist_optimizer:
             state.optimizer = result.optimizer_state
         visit = Visit(client, weight, self.slots.read(), state, result, bytes_down=payload_bytes(received))
         if self.example_dp is not None:
-            visit.epsilon = self.example_dp.record_visit(client, result.steps)
+            self.example_dp.record_visit(client, result.steps)
         visit.wall_s = time.perf_counter() - started
+        visit.peak_mib = self.memory.read()
         return visit
 
     def _gradient_term_applier(self, term: GradientTerm) -> Callable[[], None]:
@@ -153,27 +189,29 @@ class Federation:
     def run_round(self, round_idx: int, glob: Tensors) -> tuple[Tensors, list[Visit]]:
         """One round: returns the new global adapter and the visits (for metrics)."""
         started = time.perf_counter()
-        private = self.client_dp is not None
-        clients = self.client_dp.sample(self.sampler) if self.client_dp is not None else self.sample()
-        if self.example_dp is not None:  # a client whose next visit would cross its budget is not trained
-            self.out_of_budget = [c for c in clients if not self.example_dp.can_visit(c)]
-            clients = [c for c in clients if c not in self.out_of_budget]
+        self.memory.reset()
+        cohort = self.select(round_idx)
+        clients = cohort.clients
         received = self.algorithm.broadcast(round_idx, glob)
-        weights = [1.0] * len(clients) if private else self._weights(clients)
+        weights = [1.0] * len(clients) if self.client_dp is not None else self._weights(clients)
         visits = [
             self._local_training(c, round_idx, received, w) for c, w in zip(clients, weights, strict=True)
         ]
-        if self.client_dp is not None:
+        aggregated = True
+        if self.client_dp is not None:  # noise is released even for an empty cohort
             glob = self._private_aggregate(round_idx, received, glob, visits)
-        else:
+        elif visits:
             glob = self._aggregate(round_idx, glob, visits)
-        if self.algorithm.moves_base:  # one shared base here; remote clients apply the same change themselves
+        else:  # nobody to train: the global adapter stays as it is
+            aggregated = False
+        if aggregated and self.algorithm.moves_base:  # one shared base here; remote clients apply it too
             self.slots.add_to_base(self.algorithm.take_base_update())
         for visit in visits:
             visit.state = self.algorithm.local_end(round_idx, visit.trained, visit.state)
             self.store.save(visit.client, visit.state)
             visit.trained = {}  # release the client's adapter copy as soon as the round is done
-        self._log(round_idx, visits, time.perf_counter() - started)
+        peak = max([self.memory.read(), *(v.peak_mib for v in visits)])
+        self._log(round_idx, cohort, visits, time.perf_counter() - started, peak)
         return glob, visits
 
     def _aggregate(self, round_idx: int, glob: Tensors, visits: list[Visit]) -> Tensors:
@@ -207,16 +245,20 @@ class Federation:
             update, visit.update_norm = clip_update(upload, received, self.client_dp.cfg.clip_norm)
             visit.bytes_up += payload_bytes(update)
             updates.append(update)
-        mean_update = self.client_dp.noisy_mean(weighted_sum(updates, [1.0] * len(updates)), received)
+        uploaded = select(received, self.algorithm.uploaded_factors(round_idx))
+        mean_update = self.client_dp.noisy_mean(
+            round_idx, weighted_sum(updates, [1.0] * len(updates)), uploaded
+        )
         self.epsilon = self.client_dp.record_round()
         return self.algorithm.server_step(
             0, round_idx, {k: received[k] + v for k, v in mean_update.items()}, glob
         )
 
-    def _log(self, round_idx: int, visits: list[Visit], wall_s: float) -> None:
-        peak = peak_memory_mib(self.device)
+    def _log(self, round_idx: int, cohort: Cohort, visits: list[Visit], wall_s: float, peak: float) -> None:
+        """Client-private records for every visit and the round; the public round record, DP-safe only."""
+        memory = self.memory.field
         for v in visits:
-            self.metrics.write(
+            self.metrics.write_private(
                 {
                     "type": "client",
                     "round": round_idx + 1,
@@ -231,16 +273,12 @@ class Federation:
                     "bytes_up": v.bytes_up,
                     "bytes_down": v.bytes_down,
                     "wall_s": round(v.wall_s, 4),
-                    "peak_mem_mib": round(peak, 1),
+                    memory: round(v.peak_mib, 1),
                     **({} if v.update_norm is None else {"update_norm": v.update_norm}),
-                    **(
-                        {}
-                        if v.epsilon is None
-                        else {"epsilon": v.epsilon, "empty_draws": v.result.steps - len(v.result.losses)}
-                    ),
+                    **self._example_privacy_of(v),
                 }
             )
-        self.metrics.write(
+        self.metrics.write_private(
             {
                 "type": "round",
                 "round": round_idx + 1,
@@ -250,16 +288,37 @@ class Federation:
                 "bytes_up": sum(v.bytes_up for v in visits),
                 "bytes_down": sum(v.bytes_down for v in visits),
                 "wall_s": round(wall_s, 4),
-                "peak_mem_mib": round(peak, 1),
-                **({} if self.epsilon is None else {"epsilon": self.epsilon}),
-                **self._example_privacy_record(),
+                memory: round(peak, 1),
             }
         )
+        public: dict[str, Any] = {"type": "round", "round": round_idx + 1}
+        if self.client_dp is None:  # under client-level DP who took part (even how many) is secret
+            public |= {
+                "clients": [v.client for v in visits],
+                "bytes_up": sum(v.bytes_up for v in visits),
+                "bytes_down": sum(v.bytes_down for v in visits),
+                "wall_s": round(wall_s, 4),
+            }
+        else:
+            public["epsilon"] = self.epsilon
+        if self.example_dp is not None:
+            public |= {
+                "epsilon_max": self.example_dp.max_epsilon(),
+                "out_of_budget": cohort.out_of_budget,
+                "cohort_short": len(visits) < self.cfg.clients_per_round,
+            }
+        if not visits and self.client_dp is None:
+            public["skipped"] = "no client to train"
+        self.metrics.write(public)
 
-    def _example_privacy_record(self) -> dict[str, Any]:
+    def _example_privacy_of(self, visit: Visit) -> dict[str, Any]:
         if self.example_dp is None:
             return {}
-        return {"epsilon_max": self.example_dp.max_epsilon(), "out_of_budget": self.out_of_budget}
+        return {
+            "epsilon": self.example_dp.epsilon(visit.client),
+            "sample_rate": self.example_dp.sample_rates[visit.client],
+            "empty_draws": visit.result.steps - len(visit.result.losses),
+        }
 
     def server_state(self, round_idx: int) -> dict[str, Any]:
         """What a checkpoint needs besides the global adapter to continue this run exactly."""

@@ -1,13 +1,24 @@
-"""``metrics.jsonl``: one JSON record per client per round, per round, and per held-out evaluation.
+"""What a run records, split by who may see it.
 
-Records carry ``"type"``: ``"client"`` (loss, steps, examples, tokens, bytes up/down, wall time, peak memory),
-``"round"`` (the aggregate of its clients plus the round's own wall time) and ``"eval"`` (held-out loss;
-round 0 is the model before training). Each line is flushed as written, so a killed run keeps its history.
+``metrics.jsonl`` is what the run publishes: everything the server sees in a deployment and that DP
+leaves safe to release. One record per round (``"round"``: the round, its cohort unless client-level DP
+makes the cohort secret, bytes up and down, wall time, ε), per held-out evaluation (``"eval"``; round 0 is
+the model before training), the privacy plan (``"privacy"``) and the ``"summary"``.
+
+``private/client_metrics.jsonl`` holds client-private facts, kept for the operator of an in-process run
+and never covered by ε: per visit (``"client"``) the losses, realised batch sizes (examples, tokens,
+empty Poisson draws), unclipped update norms, the client's own ε and sampling rate (which reveal its row
+count), wall time and peak memory; per round (``"round"``) the clients' mean loss and the cohort.
+In a deployment these stay on the clients (and the server's secret cohort on the server).
+
+Each line is flushed as written, so a killed run keeps its history.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import resource
 import sys
 from pathlib import Path
@@ -15,28 +26,85 @@ from typing import Any
 
 import torch
 
+PRIVATE_DIR = "private"
+CLIENT_METRICS = "client_metrics.jsonl"
 
-def peak_memory_mib(device: torch.device) -> float:
-    """Peak accelerator memory on CUDA, else this process's peak resident memory."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+class PeakMemory:
+    """Peak memory of a span of work (a client visit, a round), and a field name saying what it measures.
+
+    - CUDA: ``peak_cuda_allocated_mib``, tensors allocated on the device (``max_memory_allocated``, reset
+      at the start of the span);
+    - CPU on Linux: ``peak_rss_mib``, the process's resident-set high-water mark (``VmHWM``), reset at the
+      start of the span through ``/proc/self/clear_refs``; it includes everything the process holds
+      (the model, the interpreter), not only what the span allocated;
+    - elsewhere: ``peak_rss_since_start_mib``, the process's peak since it started (``ru_maxrss``, which
+      cannot be reset).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        if device.type == "cuda":
+            self.field = "peak_cuda_allocated_mib"
+        elif _can_reset_rss():
+            self.field = "peak_rss_mib"
+        else:
+            self.field = "peak_rss_since_start_mib"
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.field == "peak_rss_mib":
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def read(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        if self.field == "peak_rss_mib":
+            return _vm_hwm_kib() / 2**10
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def _vm_hwm_kib() -> int:
+    match = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    return int(match.group(1)) if match else 0
+
+
+def _can_reset_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return _vm_hwm_kib() > 0
 
 
 class MetricsLog:
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    """The public ``metrics.jsonl`` and the client-private ``private/client_metrics.jsonl`` of one run."""
+
+    def __init__(self, path: Path, private_path: Path) -> None:
+        self.path, self.private_path = path, private_path
         self.records: list[dict[str, Any]] = []
+        self.private_records: list[dict[str, Any]] = []
         self._handle = path.open("a")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+        self._private = os.fdopen(os.open(private_path, flags, 0o600), "a")
 
     def write(self, record: dict[str, Any]) -> None:
+        """A record anyone holding the run's outputs may read."""
         self.records.append(record)
         self._handle.write(json.dumps(record) + "\n")
         self._handle.flush()
 
-    def of_type(self, kind: str) -> list[dict[str, Any]]:
-        return [r for r in self.records if r["type"] == kind]
+    def write_private(self, record: dict[str, Any]) -> None:
+        """A client-private record (not covered by ε; for the operator only)."""
+        self.private_records.append(record)
+        self._private.write(json.dumps(record) + "\n")
+        self._private.flush()
+
+    def of_type(self, kind: str, private: bool = False) -> list[dict[str, Any]]:
+        return [r for r in (self.private_records if private else self.records) if r["type"] == kind]
 
     def close(self) -> None:
         self._handle.close()
+        self._private.close()

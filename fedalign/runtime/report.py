@@ -1,4 +1,9 @@
-"""The end of a run as a person reads it: a summary table on the terminal and a loss plot in the run dir."""
+"""The end of a run as a person reads it: a summary table on the terminal and a loss plot in the run dir.
+
+The terminal summary is the operator's view and reads the client-private records too (training losses,
+cohorts). ``loss.png`` is published with the run, so under DP it plots only what DP covers (held-out
+loss); the clients' training losses are not covered by ε.
+"""
 
 from __future__ import annotations
 
@@ -29,8 +34,10 @@ def _evenly(items: list, limit: int) -> list:
     return [items[round(i * step)] for i in range(limit)]
 
 
-def print_summary(console: Console, metrics: MetricsLog, run_dir: Path, wall_s: float) -> None:
-    rounds = metrics.of_type("round")
+def print_summary(
+    console: Console, metrics: MetricsLog, run_dir: Path, wall_s: float, note: str | None = None
+) -> None:
+    rounds = metrics.of_type("round", private=True)
     records = {r["round"]: r for r in metrics.of_type("eval")}
     evals = {k: r["eval_loss"] for k, r in records.items() if r.get("eval_loss") is not None}
     table = Table(title="Rounds", show_edge=False)
@@ -50,7 +57,7 @@ def print_summary(console: Console, metrics: MetricsLog, run_dir: Path, wall_s: 
     console.print(table)
 
     per_client: dict[int, dict[str, int]] = defaultdict(lambda: {"visits": 0, "up": 0, "down": 0})
-    for c in metrics.of_type("client"):
+    for c in metrics.of_type("client", private=True):
         entry = per_client[c["client"]]
         entry["visits"] += 1
         entry["up"] += c["bytes_up"]
@@ -74,20 +81,27 @@ def print_summary(console: Console, metrics: MetricsLog, run_dir: Path, wall_s: 
         for key, label in _DPO_LINES:
             if key in first and key in last:
                 console.print(f"{label}: {first[key]:.3f} -> {last[key]:.3f}")
+    summary = next(iter(metrics.of_type("summary")), {})
+    if summary.get("epsilon") is not None:
+        console.print(f"privacy spent: ε = {summary['epsilon']:.3f}")
+    if note is not None:
+        console.print(f"[bold yellow]{note}[/]")
     console.print(f"wall time: {wall_s:.1f} s    run directory: {run_dir}")
 
 
-def plot_losses(metrics: MetricsLog, path: Path) -> None:
-    """``loss.png``: mean training loss per round and held-out loss where it was measured."""
+def plot_losses(metrics: MetricsLog, path: Path, train: bool = True) -> None:
+    """``loss.png``: held-out loss where it was measured and, with ``train``, the clients' mean training
+    loss per round (left out under DP: it is client-private)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    rounds = metrics.of_type("round")
     evals = metrics.of_type("eval")
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([r["round"] for r in rounds], [r["loss"] for r in rounds], label="train (clients' mean)")
+    if train:
+        rounds = metrics.of_type("round", private=True)
+        ax.plot([r["round"] for r in rounds], [r["loss"] for r in rounds], label="train (clients' mean)")
     evals = [e for e in evals if e.get("eval_loss") is not None]
     ax.plot([e["round"] for e in evals], [e["eval_loss"] for e in evals], "o-", label="held-out")
     ax.set_xlabel("round")

@@ -10,6 +10,8 @@ directory is created, so a refused run leaves nothing behind. The run directory 
 - ``metrics.jsonl`` (see :mod:`fedalign.runtime.metrics`) and ``loss.png``;
 - ``checkpoints/round-NNNNN/`` (global adapter in safetensors + server state), ``clients/`` (idle
   clients' state);
+- ``private/`` (owner-only): the DP keys, client-private metrics and the privacy ledgers (see
+  :mod:`fedalign.runtime.metrics` for what is public and what is not);
 - ``adapter/``: the final adapter as a standard PEFT folder, with the tokenizer (or processor) and its
   chat template.
 """
@@ -46,9 +48,10 @@ from fedalign.models.loading import (
 )
 from fedalign.privacy.client_level import ClientLevelDP
 from fedalign.privacy.example_level import ExampleLevelDP
+from fedalign.privacy.randomness import RunSecrets, make_private_dir
 from fedalign.recipe import Recipe
 from fedalign.runtime.federation import Federation
-from fedalign.runtime.metrics import MetricsLog
+from fedalign.runtime.metrics import CLIENT_METRICS, PRIVATE_DIR, MetricsLog
 from fedalign.runtime.report import plot_losses, print_summary
 from fedalign.runtime.state import ClientStateStore, save_checkpoint, write_text_atomic
 
@@ -157,7 +160,9 @@ def _save_adapter(
     return final
 
 
-def _client_privacy(recipe: Recipe, algorithm: algorithms.Algorithm, task: Task) -> ClientLevelDP | None:
+def _client_privacy(
+    recipe: Recipe, algorithm: algorithms.Algorithm, task: Task, secrets: RunSecrets | None
+) -> ClientLevelDP | None:
     """The client-level mechanism, if any; refuses a unit the task does not have before anything loads."""
     unit = recipe.privacy.unit
     if unit != "none" and unit not in task.privacy_units:
@@ -167,7 +172,8 @@ def _client_privacy(recipe: Recipe, algorithm: algorithms.Algorithm, task: Task)
             f"with fedalign {task.name}"
         )
     if unit == "client":
-        return ClientLevelDP(recipe.privacy, recipe.federation, recipe.seed, algorithm)
+        assert secrets is not None
+        return ClientLevelDP(recipe.privacy, recipe.federation, secrets.server, algorithm)
     return None
 
 
@@ -195,11 +201,41 @@ def _plan_example_privacy(recipe: Recipe, client_sizes: list[int]) -> ExampleLev
     return ExampleLevelDP.plan(recipe.privacy, recipe.federation, recipe.train, client_sizes)
 
 
-def run_federated(recipe: Recipe, task: Task, console: Console | None = None) -> RunResult:
+def _secrets_for(recipe: Recipe, given: RunSecrets | None) -> RunSecrets | None:
+    """The keys of a DP run's noise and sampling: fresh from the OS (or from the seed when the recipe says
+    ``privacy.randomness: seeded``), or ``given`` to replay a run exactly (tests; resume)."""
+    if not recipe.privacy.enabled:
+        return None
+    if given is not None:
+        if len(given.clients) != recipe.federation.num_clients:
+            raise RecipeError(
+                f"federation.num_clients: {recipe.federation.num_clients} clients, but the given secrets "
+                f"hold {len(given.clients)}"
+            )
+        return given
+    return RunSecrets.create(recipe.privacy.randomness, recipe.federation.num_clients, recipe.seed)
+
+
+def guarantee_note(recipe: Recipe) -> str | None:
+    """What a run's ε does not promise, in words (None when it is a guarantee as stated in the README)."""
+    if recipe.privacy.enabled and recipe.privacy.randomness == "seeded":
+        return (
+            "privacy.randomness is 'seeded': the noise and sampling follow from the public seed, so this ε "
+            "is no guarantee against anyone who holds the seed (recipe.yaml); for tests and research only"
+        )
+    return None
+
+
+def run_federated(
+    recipe: Recipe, task: Task, console: Console | None = None, secrets: RunSecrets | None = None
+) -> RunResult:
+    """Run ``recipe`` to its end. ``secrets``: the keys of an earlier DP run's private/ folder, to replay it
+    exactly (its noise and sampling); by default a DP run draws fresh keys."""
     console = console or Console()
     started = time.perf_counter()
     algorithm = algorithms.build(recipe.algorithm, run_context(recipe))
-    client_dp = _client_privacy(recipe, algorithm, task)
+    secrets = _secrets_for(recipe, secrets)
+    client_dp = _client_privacy(recipe, algorithm, task, secrets)
     if recipe.lora.projector == "full" and not algorithm.full_tensors:
         raise RecipeError(
             f"lora.projector: 'full' trains the projector as full tensors, which {algorithm.name}'s server "
@@ -224,6 +260,9 @@ def run_federated(recipe: Recipe, task: Task, console: Console | None = None) ->
         trainer.make_private(recipe.privacy, example_dp.sigma)
 
     run_dir = new_run_dir(recipe)
+    private_dir = make_private_dir(run_dir / PRIVATE_DIR)
+    if secrets is not None:
+        secrets.save(private_dir)
     write_text_atomic(recipe.resolved_yaml(), run_dir / "recipe.yaml")
     write_text_atomic(json.dumps(package_versions(), indent=1), run_dir / "versions.json")
     manifest = partition.to_manifest()
@@ -236,7 +275,7 @@ def run_federated(recipe: Recipe, task: Task, console: Console | None = None) ->
     write_text_atomic(json.dumps(manifest), run_dir / "partition.json")
 
     slots = AdapterSlots(trainer.model)
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    metrics = MetricsLog(run_dir / "metrics.jsonl", private_dir / CLIENT_METRICS)
     federation = Federation(
         algorithm,
         slots,
@@ -250,6 +289,7 @@ def run_federated(recipe: Recipe, task: Task, console: Console | None = None) ->
         device=device,
         client_dp=client_dp,
         example_dp=example_dp,
+        secrets=secrets,
     )
     initial = slots.read()
     if algorithm.moves_base:
@@ -267,26 +307,45 @@ def run_federated(recipe: Recipe, task: Task, console: Console | None = None) ->
         metrics.write({"type": "eval", "round": round_idx, **measured})
         return measured
 
+    note = guarantee_note(recipe)
+    plan = {
+        "type": "privacy",
+        "unit": recipe.privacy.unit,
+        "accountant": recipe.privacy.accountant,
+        "delta": recipe.privacy.delta,
+        "target_epsilon": recipe.privacy.target_epsilon,
+        "clip_norm": recipe.privacy.clip_norm,
+        "randomness": recipe.privacy.randomness,
+        **({} if note is None else {"guarantee": note}),
+    }
     if client_dp is not None:
         console.print(client_dp.describe() + f"; {rounds} rounds planned")
-        metrics.write(
-            {"type": "privacy", "unit": "client", "sigma": client_dp.sigma, "q": client_dp.sample_rate}
-        )
+        metrics.write({**plan, "sigma": client_dp.sigma, "q": client_dp.sample_rate})
     if example_dp is not None:
         console.print(example_dp.describe() + f"; {example_dp.planned_steps} local steps planned per client")
         metrics.write(
             {
-                "type": "privacy",
-                "unit": recipe.privacy.unit,
+                **plan,
                 "sigma": example_dp.sigma,
-                "q": example_dp.sample_rates,
+                "q_max": max(example_dp.sample_rates),  # what σ was calibrated for; each q_i is private
                 "planned_steps": example_dp.planned_steps,
             }
         )
+        metrics.write_private({"type": "privacy", "q": example_dp.sample_rates})
+    if note is not None:
+        console.print(f"[bold yellow]{note}[/]")
     with console.status("held-out evaluation before training"):
         before = evaluate(0)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     loop_started = time.perf_counter()
+    checkpointed = 0
+
+    def checkpoint(done: int) -> None:
+        nonlocal checkpointed
+        state = federation.server_state(done - 1)
+        save_checkpoint(run_dir / "checkpoints", done, glob, state, recipe.checkpoint.keep_last)
+        checkpointed = done
+
     with Progress(*columns, console=console, transient=False) as progress:
         bar = progress.add_task("round", total=rounds)
         for round_idx in range(rounds):
@@ -306,21 +365,17 @@ def run_federated(recipe: Recipe, task: Task, console: Console | None = None) ->
                 break
             glob, _ = federation.run_round(round_idx, glob)
             if example_dp is not None:
-                write_text_atomic(json.dumps(example_dp.to_json()), run_dir / "privacy_ledgers.json")
-            last = metrics.of_type("round")[-1]
+                write_text_atomic(json.dumps(example_dp.to_json()), private_dir / "privacy_ledgers.json")
+            last = metrics.of_type("round", private=True)[-1]
             loss = "-" if last["loss"] is None else f"{last['loss']:.4f}"
             progress.update(bar, advance=1, description=f"round {round_idx + 1} loss {loss}")
             done = round_idx + 1
             if recipe.eval.every and done % recipe.eval.every == 0 and done < rounds:
                 evaluate(done)
             if done % recipe.checkpoint.every == 0 or done == rounds:
-                save_checkpoint(
-                    run_dir / "checkpoints",
-                    done,
-                    glob,
-                    federation.server_state(round_idx),
-                    recipe.checkpoint.keep_last,
-                )
+                checkpoint(done)
+    if rounds and checkpointed != rounds:  # stopped early (privacy budget): the last round is kept too
+        checkpoint(rounds)
     loop_s = time.perf_counter() - loop_started
     after = evaluate(rounds)
     slots.write(glob)
@@ -349,16 +404,17 @@ def run_federated(recipe: Recipe, task: Task, console: Console | None = None) ->
             "metrics_after": after,
             "rounds_wall_s": round(loop_s, 3),
             "wall_s": round(wall, 2),
+            **({} if note is None else {"guarantee": note}),
         }
     )
     metrics.close()
-    plot_losses(metrics, run_dir / "loss.png")
-    print_summary(console, metrics, run_dir, wall)
+    plot_losses(metrics, run_dir / "loss.png", train=not recipe.privacy.enabled)
+    print_summary(console, metrics, run_dir, wall, note)
     return RunResult(
         run_dir=run_dir,
         eval_before=before.get("eval_loss"),
         eval_after=after.get("eval_loss"),
-        round_losses=[r["loss"] for r in metrics.of_type("round")],
+        round_losses=[r["loss"] for r in metrics.of_type("round", private=True)],
         wall_s=wall,
         model=trainer.model,
         metrics_before=before,
