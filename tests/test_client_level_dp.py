@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 import torch
 from rich.console import Console
+from safetensors.torch import load_file
 
 from fedalign.algorithms import build, registry
 from fedalign.errors import RecipeError
+from fedalign.models.adapter import AdapterSlots
+from fedalign.models.loading import load_model
 from fedalign.privacy.accounting import epsilon_of
 from fedalign.privacy.client_level import ClientLevelDP, clip_update
 from fedalign.privacy.randomness import SecretRandomness
@@ -144,3 +147,22 @@ def test_each_algorithm_composes_with_client_level_dp_or_is_refused(base_recipe:
     else:
         rounds = [r for r in _lines(_run(base_recipe)) if r["type"] == "round"]
         assert len(rounds) == 1 and rounds[0]["epsilon"] > 0
+
+
+@pytest.mark.parametrize(("name", "untrained"), [("rolora", ".lora_A."), ("fedsa", ".lora_B.")])
+def test_client_level_noise_goes_only_on_what_the_clients_uploaded(
+    base_recipe: dict, name: str, untrained: str
+) -> None:
+    """RoLoRA's round 0 trains and uploads B only; FedSA-LoRA uploads A only. The factor nobody uploaded
+    is released bit-identical: noise on it would buy no privacy and break RoLoRA's exactness."""
+    base_recipe["federation"]["rounds"] = 1
+    base_recipe["algorithm"] = {"name": name}
+    base_recipe["privacy"] = {"unit": "client", "noise_multiplier": 1.0, "delta": 1e-3, "clip_norm": 0.1}
+    recipe = validate_recipe(base_recipe)
+    loaded = load_model(recipe.model, recipe.lora, recipe.seed, torch.device("cpu"))
+    initial = AdapterSlots(loaded.model).read()
+    final = load_file(_run(base_recipe).run_dir / "adapter" / "adapter_model.safetensors")
+    assert final.keys() == initial.keys()
+    frozen = [k for k in initial if untrained in k]
+    assert frozen and all(torch.equal(final[k], initial[k]) for k in frozen)
+    assert all(not torch.equal(final[k], initial[k]) for k in initial if k not in frozen)

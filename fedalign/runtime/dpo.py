@@ -22,6 +22,7 @@ from fedalign.data.sources import holdout_size
 from fedalign.errors import DataError, RecipeError
 from fedalign.models.loading import LoadedModel
 from fedalign.privacy.pairs import ensure_pair_decomposable
+from fedalign.privacy.randomness import RunSecrets
 from fedalign.recipe import Recipe
 from fedalign.runtime.run import RunResult, TaskSetup, run_federated
 from fedalign.runtime.sft import warn_dropped, warn_skipped
@@ -126,5 +127,8 @@ class DPOTask:
         )
 
 
-def run_dpo(recipe: Recipe, console: Console | None = None) -> RunResult:
-    return run_federated(recipe, DPOTask(), console)
+def run_dpo(
+    recipe: Recipe, console: Console | None = None, secrets: RunSecrets | None = None
+) -> RunResult:
+    """``secrets``: an earlier DP run's keys (``RunSecrets.load(run_dir / "private")``) to replay it."""
+    return run_federated(recipe, DPOTask(), console, secrets)

@@ -29,6 +29,24 @@ import torch
 PRIVATE_DIR = "private"
 CLIENT_METRICS = "client_metrics.jsonl"
 
+# Every field a public record may carry, by record type (``eval`` records carry the task's held-out
+# metrics, measured on the operator's held-out rows, not on any client's). README "What a run writes" lists
+# the same; :meth:`MetricsLog.write` refuses anything else, so a client-private fact cannot slip out.
+PUBLIC_FIELDS: dict[str, frozenset[str]] = {
+    "round": frozenset(
+        {"type", "round", "clients", "bytes_up", "bytes_down", "wall_s", "epsilon", "epsilon_max"}
+        | {"out_of_budget", "cohort_short", "skipped"}
+    ),
+    "privacy": frozenset(
+        {"type", "unit", "accountant", "delta", "target_epsilon", "clip_norm", "randomness", "guarantee"}
+        | {"sigma", "q", "q_max", "planned_steps"}
+    ),
+    "summary": frozenset(
+        {"type", "rounds", "epsilon", "eval_before", "eval_after", "metrics_before", "metrics_after"}
+        | {"rounds_wall_s", "wall_s", "guarantee"}
+    ),
+}
+
 
 class PeakMemory:
     """Peak memory of a span of work (a client visit, a round), and a field name saying what it measures.
@@ -91,7 +109,12 @@ class MetricsLog:
         self._private = os.fdopen(os.open(private_path, flags, 0o600), "a")
 
     def write(self, record: dict[str, Any]) -> None:
-        """A record anyone holding the run's outputs may read."""
+        """A record anyone holding the run's outputs may read (only :data:`PUBLIC_FIELDS`)."""
+        allowed = PUBLIC_FIELDS.get(record["type"])
+        if allowed is not None and not record.keys() <= allowed:
+            raise ValueError(f"not a public field of a {record['type']!r} record: {record.keys() - allowed}")
+        if record["type"] not in PUBLIC_FIELDS and record["type"] != "eval":
+            raise ValueError(f"not a public record type: {record['type']!r}")
         self.records.append(record)
         self._handle.write(json.dumps(record) + "\n")
         self._handle.flush()

@@ -12,6 +12,7 @@ from fedalign.data.examples import Example
 from fedalign.data.sources import load_examples, split_holdout
 from fedalign.errors import RecipeError
 from fedalign.models.loading import LoadedModel
+from fedalign.privacy.randomness import RunSecrets
 from fedalign.recipe import Recipe
 from fedalign.runtime.run import RESIDUAL_BASE, RunResult, TaskSetup, run_federated
 
@@ -100,5 +101,8 @@ def warn_skipped(console: Console, skipped: list[dict[str, str]]) -> None:
         )
 
 
-def run_sft(recipe: Recipe, console: Console | None = None) -> RunResult:
-    return run_federated(recipe, SFTTask(), console)
+def run_sft(
+    recipe: Recipe, console: Console | None = None, secrets: RunSecrets | None = None
+) -> RunResult:
+    """``secrets``: an earlier DP run's keys (``RunSecrets.load(run_dir / "private")``) to replay it."""
+    return run_federated(recipe, SFTTask(), console, secrets)

@@ -1,0 +1,39 @@
+"""What a run's metrics say: public records hold public fields only; peak memory is each span's own."""
+
+import sys
+
+import pytest
+import torch
+
+from fedalign.runtime.metrics import MetricsLog, PeakMemory
+
+
+def test_a_client_private_fact_cannot_be_written_to_the_public_metrics(tmp_path) -> None:
+    log = MetricsLog(tmp_path / "metrics.jsonl", tmp_path / "client_metrics.jsonl")
+    log.write({"type": "round", "round": 1, "epsilon_max": 0.5})
+    with pytest.raises(ValueError, match="loss"):
+        log.write({"type": "round", "round": 2, "loss": 1.0})
+    with pytest.raises(ValueError, match="client"):
+        log.write({"type": "client", "round": 2})
+    log.write_private({"type": "client", "round": 2, "loss": 1.0})
+    log.close()
+    assert "loss" not in (tmp_path / "metrics.jsonl").read_text()
+    assert '"loss": 1.0' in (tmp_path / "client_metrics.jsonl").read_text()
+
+
+def test_peak_memory_is_reset_for_each_span_and_its_field_says_what_it_is() -> None:
+    memory = PeakMemory(torch.device("cpu"))
+    assert memory.field == (
+        "peak_rss_mib" if sys.platform.startswith("linux") else "peak_rss_since_start_mib"
+    )
+    memory.reset()
+    before = memory.read()
+    block = bytearray(300 * 2**20)
+    block[:: 2**12] = b"x" * len(block[:: 2**12])  # touch every page
+    during = memory.read()
+    del block
+    memory.reset()
+    after = memory.read()
+    assert during - before > 250
+    if memory.field == "peak_rss_mib":  # the next span does not inherit the last one's peak
+        assert after < during - 250
