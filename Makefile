@@ -38,6 +38,7 @@ bench: install
 	$(PY) bench/dp_overhead.py
 	$(PY) bench/fedask_server.py
 	$(PY) bench/dpo_loop_vs_trl.py
+	$(PY) bench/accountant_utility.py
 
 clean:
 	rm -rf runs .pytest_cache

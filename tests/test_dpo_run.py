@@ -58,7 +58,9 @@ def _run(raw: dict):
 
 
 def _records(run_dir: Path, kind: str) -> list[dict]:
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """Records of one type; per-visit ("client") records are client-private, in private/."""
+    path = run_dir / ("private/client_metrics.jsonl" if kind == "client" else "metrics.jsonl")
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
     return [r for r in lines if r["type"] == kind]
 
 
@@ -265,22 +267,23 @@ def test_pair_level_epsilon_matches_an_independent_accountant(files, tmp_path) -
     RDP accountant gives for that rate, σ and every local step it took."""
     from opacus.accountants import RDPAccountant
 
-    privacy = {"unit": "pair", "target_epsilon": 8.0, "delta": 1e-3, "clip_norm": 1.0}
+    privacy = {"unit": "pair", "target_epsilon": 8.0, "delta": 1e-3, "clip_norm": 1.0, "accountant": "rdp"}
     raw = dpo_recipe(str(TINY_MODEL), files["text"], tmp_path / "runs", source="preference", privacy=privacy)
     result = _run(raw)
-    records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    plan = next(r for r in records if r["type"] == "privacy")
+    plan = _records(result.run_dir, "privacy")[0]
     assert plan["unit"] == "pair"
+    private = result.run_dir / "private" / "client_metrics.jsonl"
+    rates = next(r for r in map(json.loads, private.read_text().splitlines()) if r["type"] == "privacy")["q"]
     partition = json.loads((result.run_dir / "partition.json").read_text())
     batch, steps = raw["train"]["batch_size"], raw["federation"]["local_steps"]
-    visits = [r for r in records if r["type"] == "client"]
+    visits = _records(result.run_dir, "client")
     assert visits
     for client in {r["client"] for r in visits}:
         pairs = partition["clients"][client]["num_rows"]
-        assert plan["q"][client] == pytest.approx(batch / pairs)
+        assert rates[client] == pytest.approx(batch / pairs)
         independent = RDPAccountant()
         for _ in range(steps * sum(r["client"] == client for r in visits)):
-            independent.step(noise_multiplier=plan["sigma"], sample_rate=plan["q"][client])
+            independent.step(noise_multiplier=plan["sigma"], sample_rate=rates[client])
         reported = [r["epsilon"] for r in visits if r["client"] == client][-1]
         assert reported == pytest.approx(independent.get_epsilon(delta=1e-3), rel=0.01)
         assert reported <= 8.0

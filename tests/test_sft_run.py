@@ -27,6 +27,9 @@ def _run(raw: dict):
 
 
 def _records(metrics_path, kind: str) -> list[dict]:
+    """Records of one type; per-visit ("client") records are client-private, in private/."""
+    if kind == "client":
+        metrics_path = metrics_path.parent / "private" / "client_metrics.jsonl"
     lines = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     return [r for r in lines if r["type"] == kind]
 
