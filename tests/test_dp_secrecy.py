@@ -16,6 +16,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
+from fedalign.errors import RecipeError
 from fedalign.privacy.randomness import RunSecrets
 from fedalign.recipe import validate_recipe
 from fedalign.runtime.sft import run_sft
@@ -72,6 +73,17 @@ def test_the_published_recipe_and_seed_do_not_regenerate_noise_or_sampling(base_
     else:  # the secret cohorts: in the private records only, and replayed with the key
         cohorts = [r["clients"] for r in _private(first.run_dir, "round")]
         assert cohorts == [r["clients"] for r in _private(replay.run_dir, "round")]
+
+    # what a run publishes under DP: no timing, no client-private fact; under client DP not even the cohort
+    public = [json.loads(x) for x in (first.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert not any("wall_s" in r or "loss" in r for r in public)
+    if unit == "client":
+        assert not any("clients" in r or "bytes_up" in r for r in public if r["type"] == "round")
+    # keys replay only their own run: on another recipe they would let two runs' noise cancel
+    other = _recipe(base_recipe, unit)
+    other.train.learning_rate = 0.004
+    with pytest.raises(RecipeError, match="belong to another run"):
+        _run(other, keys)
 
     # the keys are nowhere but in the owner-only private/ folder
     hexes = [keys.server.hex(), *(c.hex() for c in keys.clients)]

@@ -9,8 +9,10 @@ from fedalign.runtime.metrics import MetricsLog, PeakMemory
 
 
 def test_a_client_private_fact_cannot_be_written_to_the_public_metrics(tmp_path) -> None:
-    log = MetricsLog(tmp_path / "metrics.jsonl", tmp_path / "client_metrics.jsonl")
-    log.write({"type": "round", "round": 1, "epsilon_max": 0.5})
+    log = MetricsLog(tmp_path / "metrics.jsonl", tmp_path / "client_metrics.jsonl", unit="example")
+    log.write({"type": "round", "round": 1, "clients": [0, 2], "epsilon_max": 0.5})
+    with pytest.raises(ValueError, match="wall_s"):  # timing follows the secret Poisson draws
+        log.write({"type": "round", "round": 2, "wall_s": 1.0})
     with pytest.raises(ValueError, match="loss"):
         log.write({"type": "round", "round": 2, "loss": 1.0})
     with pytest.raises(ValueError, match="client"):
@@ -18,6 +20,10 @@ def test_a_client_private_fact_cannot_be_written_to_the_public_metrics(tmp_path)
     log.write_private({"type": "client", "round": 2, "loss": 1.0})
     log.close()
     assert "loss" not in (tmp_path / "metrics.jsonl").read_text()
+    client_dp = MetricsLog(tmp_path / "c.jsonl", tmp_path / "c-private.jsonl", unit="client")
+    with pytest.raises(ValueError, match="clients"):  # under client-level DP who took part is secret
+        client_dp.write({"type": "round", "round": 1, "clients": [1], "epsilon": 0.3})
+    client_dp.close()
     assert '"loss": 1.0' in (tmp_path / "client_metrics.jsonl").read_text()
 
 

@@ -29,12 +29,12 @@ from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as opacus_rdp
-from opacus.accountants.utils import get_noise_multiplier
 
 from fedalign.errors import RecipeError
 
 Spend = tuple[float, float, int]  # (noise multiplier σ, sampling rate q, steps)
 PLD_DISCRETIZATION = 1e-3
+MAX_SIGMA = 1e4
 
 
 @functools.lru_cache(maxsize=4096)
@@ -52,8 +52,10 @@ def _epsilon(history: tuple[Spend, ...], delta: float, accountant: str, populati
         rel = dp_accounting.NeighboringRelation.REPLACE_ONE
         acc = rdp_privacy_accountant.RdpAccountant(neighboring_relation=rel)
         for sigma, q, n in history:
+            # Replacing one client moves a sum of updates clipped to C by up to 2C, and the noise is σC:
+            # against that sensitivity the noise multiplier is σ/2.
             event = dp_accounting.SampledWithoutReplacementDpEvent(
-                population, round(q * population), dp_accounting.GaussianDpEvent(sigma)
+                population, round(q * population), dp_accounting.GaussianDpEvent(sigma / 2)
             )
             acc.compose(event, int(n))
         return float(acc.get_epsilon(delta))
@@ -89,20 +91,11 @@ def calibrate_noise(
     accountant: str,
     population: int | None = None,
 ) -> float:
-    """The smallest σ (to a 0.01 tolerance in ε) keeping ``steps`` at ``sample_rate`` within the target."""
+    """The smallest σ (to a 0.01 tolerance in ε) keeping ``steps`` at ``sample_rate`` within the target; the
+    σ returned always satisfies it."""
     try:
-        if accountant in ("rdp", "prv") and population is None:
-            return float(
-                get_noise_multiplier(
-                    target_epsilon=target_epsilon,
-                    target_delta=delta,
-                    sample_rate=sample_rate,
-                    steps=steps,
-                    accountant=accountant,
-                )
-            )
         return _bisect_sigma(target_epsilon, delta, sample_rate, steps, accountant, population)
-    except ValueError as error:
+    except (ValueError, ArithmeticError, RuntimeError) as error:
         raise RecipeError(
             f"privacy.target_epsilon: ε={target_epsilon} at δ={delta} cannot be reached by this schedule "
             f"({steps} steps at sampling rate {sample_rate:.4g}): {error}. Raise the target, or lower "
@@ -113,17 +106,18 @@ def calibrate_noise(
 def _bisect_sigma(
     target: float, delta: float, q: float, steps: int, accountant: str, population: int | None
 ) -> float:
-    """Bisection on σ as Opacus's ``get_noise_multiplier`` does it: the result always satisfies the target."""
+    """Bisection on σ as Opacus's ``get_noise_multiplier`` does it (the result always satisfies the target),
+    on this module's ε, so every accountant and sampling scheme calibrates the same way."""
 
     def eps(sigma: float) -> float:
         return epsilon_of([(sigma, q, steps)], delta, accountant, population)
 
+    if eps(MAX_SIGMA) > target:  # RDP's conversion has a floor: some targets no σ reaches
+        raise ValueError(f"no noise multiplier up to {MAX_SIGMA:g} reaches it")
     low, high = 0.0, 10.0
     eps_high = eps(high)
     while eps_high > target:
         low, high = high, 2 * high
-        if high > 1e4:
-            raise ValueError("no noise multiplier up to 1e4 reaches it")
         eps_high = eps(high)
     while target - eps_high > 0.01 and high - low > 1e-6:
         sigma = (low + high) / 2

@@ -33,6 +33,7 @@ class ExampleLevelDP:
     sample_rates: list[float]  # per client
     local_steps: int
     planned_steps: int
+    calibrated_rate: float | None = None  # the q that σ was calibrated for (None: σ given by the recipe)
     ledgers: dict[int, Ledger] = field(default_factory=dict)
     spent: dict[int, float] = field(default_factory=dict)  # ε per client, once per spend (PLD is slow)
     # can_visit's answer per client; it changes only when that client spends, so it is recomputed then only.
@@ -56,7 +57,8 @@ class ExampleLevelDP:
             sigma = calibrate_noise(
                 privacy.target_epsilon, privacy.delta, max(rates), planned, privacy.accountant
             )
-        return cls(privacy, sigma, rates, federation.local_steps, planned)
+        calibrated = None if privacy.noise_multiplier is not None else max(rates)
+        return cls(privacy, sigma, rates, federation.local_steps, planned, calibrated)
 
     def describe(self) -> str:
         return (
@@ -74,10 +76,10 @@ class ExampleLevelDP:
             return True
         if client not in self._can_visit:
             ledger = self.ledger(client)
-            within_plan = (
-                self.cfg.noise_multiplier is None
+            within_plan = (  # σ keeps planned_steps at the calibrated q (or any smaller q) within target
+                self.calibrated_rate is not None
                 and ledger.steps + self.local_steps <= self.planned_steps
-                and self.sample_rates[client] <= max(self.sample_rates)
+                and self.sample_rates[client] <= self.calibrated_rate
             )
             self._can_visit[client] = within_plan or (
                 ledger.epsilon_after(

@@ -14,10 +14,11 @@ Why not a seeded ``torch.Generator``: its CPU generator (MT19937) is seeded from
 2.13), so a noise vector drawn from one can be found by trying 2^32 seeds; and MT19937 is not a CSPRNG.
 Opacus's ``secure_mode`` used torchcsprng for the same reason; that package is no longer maintained.
 
-Gaussians come from the keystream by Box-Muller on 24-bit uniforms (the precision ``torch.randn`` itself
-uses), computed on the tensor's device (the keystream crosses to an accelerator as 4 bytes per value).
-Not mitigated: floating-point attacks on the noise's binary representation (Mironov 2012; Opacus's secure
-mode sums four draws against them), and timing side channels.
+Gaussians come from the keystream by Box-Muller in float64 on 53-bit uniforms, computed on the tensor's
+device (the keystream crosses to an accelerator as 8 bytes per value); the draw is bounded at about
+8.5σ, an event of probability 1e-17. Not mitigated: floating-point attacks on the noise's binary
+representation (Mironov 2012; Opacus's secure mode sums four draws against them), and timing side
+channels.
 
 ``privacy.randomness: seeded`` derives the keys from the public seed instead, for tests and research that
 need a DP run to be reproducible from its recipe; such a run's ε is then no guarantee against anyone who
@@ -30,10 +31,12 @@ import hashlib
 import hmac
 import json
 import math
+import operator
 import os
 import secrets
 from pathlib import Path
 
+import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -73,16 +76,22 @@ class SecretRandomness:
         return self._key.hex()
 
     # -- draws ---------------------------------------------------------------------------------------------
-    def keystream(self, nbytes: int) -> bytearray:
-        encryptor = Cipher(algorithms.AES(self._key), modes.CTR(bytes(16))).encryptor()
+    def keystream(self, nbytes: int, purpose: bytes) -> bytearray:
+        """AES-256-CTR keystream under a key of its own per ``purpose`` (never the derivation key itself)."""
+        aes_key = hmac.new(self._key, b"\x00keystream:" + purpose, hashlib.sha256).digest()
+        encryptor = Cipher(algorithms.AES(aes_key), modes.CTR(bytes(16))).encryptor()
         return bytearray(encryptor.update(bytes(nbytes)))
 
+    def _words(self, n: int, purpose: bytes) -> torch.Tensor:
+        """``n`` random 53-bit integers (as int64), read little-endian whatever the host."""
+        raw = np.frombuffer(self.keystream(8 * n, purpose), dtype="<u8") >> np.uint64(11)
+        return torch.from_numpy(raw.astype(np.int64))
+
     def uniform(self, n: int) -> torch.Tensor:
-        """``n`` float64 values uniform on (0, 1) with 53 random bits each (on the CPU)."""
+        """``n`` float64 values uniform on [0, 1), multiples of 2^-53 (so ``u < p`` has probability p)."""
         if n == 0:
             return torch.zeros(0, dtype=torch.float64)
-        words = torch.frombuffer(self.keystream(8 * n), dtype=torch.int64)
-        return ((words >> 11) & ((1 << 53) - 1)).double().add_(0.5).mul_(2.0**-53)
+        return self._words(n, b"uniform").double().mul_(2.0**-53)
 
     def bernoulli(self, n: int, p: float) -> list[int]:
         """Indices i < n kept independently with probability ``p`` (a Poisson sample)."""
@@ -95,41 +104,59 @@ class SecretRandomness:
     def gaussian(
         self, numel: int, std: float, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
-        """``numel`` independent N(0, std²) values (Box-Muller on the keystream, computed on ``device``)."""
+        """``numel`` independent N(0, std²) values: Box-Muller in float64 on ``device`` from 53-bit uniforms,
+        so the draw reaches 8.5σ (a 24-bit uniform would cut it at 5.9σ, where an outlying update could
+        land beyond anything the neighbouring dataset's noise can produce)."""
+        if numel == 0:
+            return torch.zeros(0, dtype=dtype, device=device)
         pairs = (numel + 1) // 2
-        words = torch.frombuffer(self.keystream(8 * pairs), dtype=torch.int32).to(device)
-        u = ((words >> 8) & 0xFFFFFF).float().add_(0.5).mul_(2.0**-24).view(2, pairs)
-        radius = u[0].log_().mul_(-2.0).sqrt_()
+        u = self._words(2 * pairs, b"gaussian").to(device).double().mul_(2.0**-53).view(2, pairs)
+        radius = torch.log1p(-u[0]).mul_(-2.0).sqrt_()  # 1 - u in (0, 1]: finite
         angle = u[1].mul_(2.0 * math.pi)
         values = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:numel]
         return values.mul_(std).to(dtype)
 
 
 def _encode(labels: tuple[Label, ...]) -> bytes:
-    return json.dumps([str(x) if not isinstance(x, int) else x for x in labels]).encode()
+    """An unambiguous encoding of a label path: ints and strings only (``3`` and ``"3"`` differ)."""
+    parts: list[int | str] = []
+    for label in labels:
+        if isinstance(label, str):
+            parts.append(label)
+        elif isinstance(label, bool) or not hasattr(label, "__index__"):
+            raise TypeError(f"a randomness label is an int or a str, got {type(label).__name__}")
+        else:
+            parts.append(operator.index(label))
+    return json.dumps(parts).encode()
 
 
 class RunSecrets:
     """The server's key and each client's key for one DP run, and where they are kept.
 
-    In-process they live in ``<run>/private/secrets.json`` (folder 0700, file 0600); on Flower each node
-    keeps its own. ``mode`` is ``secret`` (OS entropy) or ``seeded`` (derived from the public seed).
+    In-process they live in ``<run>/private/secrets.json`` (folder 0700, file 0600). ``mode`` is ``secret``
+    (OS entropy) or ``seeded`` (derived from the public seed); ``fingerprint`` names the run they belong to
+    (a digest of its recipe), so that they are never reused for another run: two released runs whose noise
+    is the same could be subtracted from each other.
     """
 
     FILE = "secrets.json"
 
-    def __init__(self, mode: str, server: SecretRandomness, clients: list[SecretRandomness]) -> None:
-        self.mode, self.server, self.clients = mode, server, clients
+    def __init__(
+        self, mode: str, server: SecretRandomness, clients: list[SecretRandomness], fingerprint: str = ""
+    ) -> None:
+        self.mode, self.server, self.clients, self.fingerprint = mode, server, clients, fingerprint
 
     @classmethod
-    def create(cls, mode: str, num_clients: int, seed: int) -> RunSecrets:
+    def create(cls, mode: str, num_clients: int, seed: int, fingerprint: str = "") -> RunSecrets:
         if mode == "seeded":
             return cls(
                 mode,
                 SecretRandomness.from_seed(seed, "server"),
                 [SecretRandomness.from_seed(seed, "client", c) for c in range(num_clients)],
+                fingerprint,
             )
-        return cls(mode, SecretRandomness.fresh(), [SecretRandomness.fresh() for _ in range(num_clients)])
+        clients = [SecretRandomness.fresh() for _ in range(num_clients)]
+        return cls(mode, SecretRandomness.fresh(), clients, fingerprint)
 
     def client(self, index: int) -> SecretRandomness:
         return self.clients[index]
@@ -143,9 +170,16 @@ class RunSecrets:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
             json.dump(
-                {"mode": self.mode, "server": self.server.hex(), "clients": [c.hex() for c in self.clients]},
+                {
+                    "mode": self.mode,
+                    "fingerprint": self.fingerprint,
+                    "server": self.server.hex(),
+                    "clients": [c.hex() for c in self.clients],
+                },
                 handle,
             )
+            handle.flush()
+            os.fsync(handle.fileno())  # the only copy of the keys: on disk before it takes the name
         os.replace(tmp, path)
         return path
 
@@ -157,6 +191,7 @@ class RunSecrets:
             data["mode"],
             SecretRandomness(key(data["server"])),
             [SecretRandomness(key(c)) for c in data["clients"]],
+            data.get("fingerprint", ""),
         )
 
 

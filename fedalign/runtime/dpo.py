@@ -127,8 +127,6 @@ class DPOTask:
         )
 
 
-def run_dpo(
-    recipe: Recipe, console: Console | None = None, secrets: RunSecrets | None = None
-) -> RunResult:
+def run_dpo(recipe: Recipe, console: Console | None = None, secrets: RunSecrets | None = None) -> RunResult:
     """``secrets``: an earlier DP run's keys (``RunSecrets.load(run_dir / "private")``) to replay it."""
     return run_federated(recipe, DPOTask(), console, secrets)

@@ -161,6 +161,8 @@ class Federation:
         self.epsilon: float | None = None
 
     def _weights(self, clients: list[int]) -> list[float]:
+        if not clients:
+            return []
         if self.cfg.weighting == "uniform":
             return [1.0 / len(clients)] * len(clients)
         sizes = [len(self.client_rows[c]) for c in clients]
@@ -319,10 +321,11 @@ class Federation:
                 "clients": [v.client for v in visits],
                 "bytes_up": sum(v.bytes_up for v in visits),
                 "bytes_down": sum(v.bytes_down for v in visits),
-                "wall_s": round(wall_s, 4),
             }
         else:
             public["epsilon"] = self.epsilon
+        if self.client_dp is None and self.example_dp is None:  # under DP, timing follows the secret draws
+            public["wall_s"] = round(wall_s, 4)
         if self.example_dp is not None:
             public |= {
                 "epsilon_max": self.example_dp.max_epsilon(),
@@ -343,10 +346,14 @@ class Federation:
         }
 
     def server_state(self, round_idx: int) -> dict[str, Any]:
-        """What a checkpoint needs besides the global adapter to continue this run exactly."""
-        state: dict[str, Any] = {"round": round_idx + 1, "sampler": self.selector.sampler.bit_generator.state}
+        """What a checkpoint needs besides the global adapter to continue this run exactly, and may publish
+        (the sampler follows from the public seed)."""
+        return {"round": round_idx + 1, "sampler": self.selector.sampler.bit_generator.state}
+
+    def private_state(self) -> dict[str, Any] | None:
+        """The privacy ledgers (each client's reveals its row count through its sampling rate)."""
         if self.client_dp is not None:
-            state["privacy_ledger"] = self.client_dp.ledger.to_json()
+            return {"privacy_ledger": self.client_dp.ledger.to_json()}
         if self.example_dp is not None:
-            state["privacy_ledgers"] = self.example_dp.to_json()
-        return state
+            return {"privacy_ledgers": self.example_dp.to_json()}
+        return None

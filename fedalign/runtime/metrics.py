@@ -29,23 +29,32 @@ import torch
 PRIVATE_DIR = "private"
 CLIENT_METRICS = "client_metrics.jsonl"
 
-# Every field a public record may carry, by record type (``eval`` records carry the task's held-out
-# metrics, measured on the operator's held-out rows, not on any client's). README "What a run writes" lists
-# the same; :meth:`MetricsLog.write` refuses anything else, so a client-private fact cannot slip out.
-PUBLIC_FIELDS: dict[str, frozenset[str]] = {
-    "round": frozenset(
-        {"type", "round", "clients", "bytes_up", "bytes_down", "wall_s", "epsilon", "epsilon_max"}
-        | {"out_of_budget", "cohort_short", "skipped"}
-    ),
-    "privacy": frozenset(
-        {"type", "unit", "accountant", "delta", "target_epsilon", "clip_norm", "randomness", "guarantee"}
-        | {"sigma", "q", "q_max", "planned_steps"}
-    ),
-    "summary": frozenset(
-        {"type", "rounds", "epsilon", "eval_before", "eval_after", "metrics_before", "metrics_after"}
-        | {"rounds_wall_s", "wall_s", "guarantee"}
-    ),
-}
+_TIMING = frozenset({"wall_s", "rounds_wall_s"})
+
+
+def public_fields(unit: str) -> dict[str, frozenset[str]]:
+    """Every field a public record may carry, by record type, for a run whose ``privacy.unit`` is ``unit``.
+
+    README "What ε covers" lists the same. Under any DP, timing is client-private (a visit's time follows
+    its realised Poisson batches, a round's its cohort); under client-level DP so is who took part, and how
+    many. ``eval`` records carry the task's held-out metrics, measured on the operator's held-out rows,
+    not on any client's. :meth:`MetricsLog.write` refuses anything else.
+    """
+    round_fields = {"type", "round"}
+    if unit == "client":
+        round_fields |= {"epsilon"}
+    else:
+        round_fields |= {"clients", "bytes_up", "bytes_down", "skipped"}
+    if unit in ("example", "pair"):
+        round_fields |= {"epsilon_max", "out_of_budget", "cohort_short"}
+    summary = {"type", "rounds", "epsilon", "eval_before", "eval_after", "metrics_before", "metrics_after"}
+    summary |= {"guarantee"}
+    if unit == "none":
+        round_fields |= {"wall_s"}
+        summary |= _TIMING
+    privacy = {"type", "unit", "accountant", "delta", "target_epsilon", "clip_norm", "randomness"}
+    privacy |= {"guarantee", "sigma", "q", "q_max", "planned_steps"}
+    return {"round": frozenset(round_fields), "privacy": frozenset(privacy), "summary": frozenset(summary)}
 
 
 class PeakMemory:
@@ -100,8 +109,9 @@ def _can_reset_rss() -> bool:
 class MetricsLog:
     """The public ``metrics.jsonl`` and the client-private ``private/client_metrics.jsonl`` of one run."""
 
-    def __init__(self, path: Path, private_path: Path) -> None:
+    def __init__(self, path: Path, private_path: Path, unit: str = "none") -> None:
         self.path, self.private_path = path, private_path
+        self.public_fields = public_fields(unit)
         self.records: list[dict[str, Any]] = []
         self.private_records: list[dict[str, Any]] = []
         self._handle = path.open("a")
@@ -109,11 +119,11 @@ class MetricsLog:
         self._private = os.fdopen(os.open(private_path, flags, 0o600), "a")
 
     def write(self, record: dict[str, Any]) -> None:
-        """A record anyone holding the run's outputs may read (only :data:`PUBLIC_FIELDS`)."""
-        allowed = PUBLIC_FIELDS.get(record["type"])
+        """A record anyone holding the run's outputs may read (only :func:`public_fields`)."""
+        allowed = self.public_fields.get(record["type"])
         if allowed is not None and not record.keys() <= allowed:
             raise ValueError(f"not a public field of a {record['type']!r} record: {record.keys() - allowed}")
-        if record["type"] not in PUBLIC_FIELDS and record["type"] != "eval":
+        if allowed is None and record["type"] != "eval":
             raise ValueError(f"not a public record type: {record['type']!r}")
         self.records.append(record)
         self._handle.write(json.dumps(record) + "\n")

@@ -34,28 +34,46 @@ def _evenly(items: list, limit: int) -> list:
     return [items[round(i * step)] for i in range(limit)]
 
 
+_COLUMNS = {  # column -> (record field, format); a column shows when the records have its field
+    "round": ("round", str),
+    "clients": ("clients", lambda v: ",".join(map(str, v))),
+    "train loss": ("loss", lambda v: "-" if v is None else f"{v:.4f}"),
+    "ε": ("epsilon", lambda v: f"{v:.3f}"),
+    "ε max": ("epsilon_max", lambda v: f"{v:.3f}"),
+    "bytes up": ("bytes_up", _mib),
+    "bytes down": ("bytes_down", _mib),
+    "wall s": ("wall_s", lambda v: f"{v:.2f}"),
+}
+
+
 def print_summary(
-    console: Console, metrics: MetricsLog, run_dir: Path, wall_s: float, note: str | None = None
+    console: Console,
+    metrics: MetricsLog,
+    run_dir: Path,
+    wall_s: float,
+    note: str | None = None,
+    private: bool = False,
 ) -> None:
-    rounds = metrics.of_type("round", private=True)
+    """The round table and per-client traffic. With ``private`` (a DP run) only the public records are
+    shown, so that a pasted terminal log holds no client-private record."""
+    rounds = metrics.of_type("round", private=not private)
     records = {r["round"]: r for r in metrics.of_type("eval")}
     evals = {k: r["eval_loss"] for k, r in records.items() if r.get("eval_loss") is not None}
+    shown = [c for c, (key, _) in _COLUMNS.items() if rounds and key in rounds[-1]]
     table = Table(title="Rounds", show_edge=False)
-    for column in ("round", "clients", "train loss", "held-out loss", "bytes up", "bytes down", "wall s"):
+    for column in [*shown[:3], "held-out loss", *shown[3:]]:
         table.add_column(column, justify="right")
     for r in _evenly(rounds, _MAX_ROWS):
         held = evals.get(r["round"])
-        table.add_row(
-            str(r["round"]),
-            ",".join(map(str, r["clients"])),
-            "-" if r["loss"] is None else f"{r['loss']:.4f}",
-            "" if held is None else f"{held:.4f}",
-            _mib(r["bytes_up"]),
-            _mib(r["bytes_down"]),
-            f"{r['wall_s']:.2f}",
-        )
+        cells = [_COLUMNS[c][1](r[_COLUMNS[c][0]]) for c in shown]
+        table.add_row(*cells[:3], "" if held is None else f"{held:.4f}", *cells[3:])
     console.print(table)
+    if not private:  # per-client traffic shows who took part, which client-level DP keeps secret
+        _print_clients(console, metrics)
+    _print_end(console, metrics, records, evals, run_dir, wall_s, note)
 
+
+def _print_clients(console: Console, metrics: MetricsLog) -> None:
     per_client: dict[int, dict[str, int]] = defaultdict(lambda: {"visits": 0, "up": 0, "down": 0})
     for c in metrics.of_type("client", private=True):
         entry = per_client[c["client"]]
@@ -72,6 +90,16 @@ def print_summary(
         clients.add_row(f"... {len(ordered) - _MAX_ROWS} more", "", "", "")
     console.print(clients)
 
+
+def _print_end(
+    console: Console,
+    metrics: MetricsLog,
+    records: dict,
+    evals: dict,
+    run_dir: Path,
+    wall_s: float,
+    note: str | None,
+) -> None:
     before, after = evals.get(0), evals.get(max(evals)) if evals else None
     if before is not None and after is not None:
         change = (after - before) / before * 100

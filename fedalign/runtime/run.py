@@ -18,6 +18,7 @@ directory is created, so a refused run leaves nothing behind. The run directory 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -201,19 +202,43 @@ def _plan_example_privacy(recipe: Recipe, client_sizes: list[int]) -> ExampleLev
     return ExampleLevelDP.plan(recipe.privacy, recipe.federation, recipe.train, client_sizes)
 
 
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
 def _secrets_for(recipe: Recipe, given: RunSecrets | None) -> RunSecrets | None:
     """The keys of a DP run's noise and sampling: fresh from the OS (or from the seed when the recipe says
-    ``privacy.randomness: seeded``), or ``given`` to replay a run exactly (tests; resume)."""
+    ``privacy.randomness: seeded``), or ``given`` to replay exactly the run they came from (tests; resume).
+
+    Keys are tied to their run by a digest of its recipe (and, checked once the data is partitioned, of
+    its partition): the same noise on other data would let two released runs be subtracted."""
     if not recipe.privacy.enabled:
         return None
-    if given is not None:
-        if len(given.clients) != recipe.federation.num_clients:
-            raise RecipeError(
-                f"federation.num_clients: {recipe.federation.num_clients} clients, but the given secrets "
-                f"hold {len(given.clients)}"
-            )
-        return given
-    return RunSecrets.create(recipe.privacy.randomness, recipe.federation.num_clients, recipe.seed)
+    recipe_digest = _digest(recipe.resolved_yaml())
+    if given is None:
+        return RunSecrets.create(
+            recipe.privacy.randomness, recipe.federation.num_clients, recipe.seed, recipe_digest
+        )
+    if given.mode != recipe.privacy.randomness or given.fingerprint.split(":")[0] != recipe_digest:
+        raise RecipeError(
+            "privacy: these DP keys belong to another run (its recipe differs); keys only replay the run "
+            "they came from, since the same noise on two runs could be subtracted"
+        )
+    return given
+
+
+def _bind_secrets(secrets: RunSecrets | None, partition_manifest: dict[str, Any]) -> None:
+    """Add the partition's digest to fresh keys, or check a replay's keys against it."""
+    if secrets is None:
+        return
+    digest = _digest(json.dumps([c["row_ids"] for c in partition_manifest["clients"]]))
+    recipe_digest, _, bound = secrets.fingerprint.partition(":")
+    if bound and bound != digest:
+        raise DataError(
+            "privacy: these DP keys belong to another run (its data is partitioned differently); keys only "
+            "replay the run they came from"
+        )
+    secrets.fingerprint = f"{recipe_digest}:{digest}"
 
 
 def guarantee_note(recipe: Recipe) -> str | None:
@@ -224,6 +249,16 @@ def guarantee_note(recipe: Recipe) -> str | None:
             "is no guarantee against anyone who holds the seed (recipe.yaml); for tests and research only"
         )
     return None
+
+
+def _progress_line(metrics: MetricsLog, recipe: Recipe, round_idx: int) -> str:
+    """The progress bar's text: the clients' mean loss, or under DP (where it is client-private) ε."""
+    if not recipe.privacy.enabled:
+        loss = metrics.of_type("round", private=True)[-1]["loss"]
+        return f"round {round_idx + 1} loss {'-' if loss is None else f'{loss:.4f}'}"
+    last = metrics.of_type("round")[-1]
+    epsilon = last.get("epsilon", last.get("epsilon_max"))
+    return f"round {round_idx + 1} ε {epsilon:.3f}"
 
 
 def run_federated(
@@ -259,13 +294,15 @@ def run_federated(
     if example_dp is not None:
         trainer.make_private(recipe.privacy, example_dp.sigma)
 
+    manifest = partition.to_manifest()
+    _bind_secrets(secrets, manifest)
+
     run_dir = new_run_dir(recipe)
     private_dir = make_private_dir(run_dir / PRIVATE_DIR)
     if secrets is not None:
         secrets.save(private_dir)
     write_text_atomic(recipe.resolved_yaml(), run_dir / "recipe.yaml")
     write_text_atomic(json.dumps(package_versions(), indent=1), run_dir / "versions.json")
-    manifest = partition.to_manifest()
     manifest["dropped_rows"] = {
         "reason": "no completion token within train.max_length",
         "rows": sorted(dropped),
@@ -275,7 +312,7 @@ def run_federated(
     write_text_atomic(json.dumps(manifest), run_dir / "partition.json")
 
     slots = AdapterSlots(trainer.model)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", private_dir / CLIENT_METRICS)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", private_dir / CLIENT_METRICS, recipe.privacy.unit)
     federation = Federation(
         algorithm,
         slots,
@@ -342,8 +379,9 @@ def run_federated(
 
     def checkpoint(done: int) -> None:
         nonlocal checkpointed
-        state = federation.server_state(done - 1)
-        save_checkpoint(run_dir / "checkpoints", done, glob, state, recipe.checkpoint.keep_last)
+        state, ledgers = federation.server_state(done - 1), federation.private_state()
+        private = None if ledgers is None else (private_dir / "checkpoints", ledgers)
+        save_checkpoint(run_dir / "checkpoints", done, glob, state, recipe.checkpoint.keep_last, private)
         checkpointed = done
 
     with Progress(*columns, console=console, transient=False) as progress:
@@ -365,10 +403,9 @@ def run_federated(
                 break
             glob, _ = federation.run_round(round_idx, glob)
             if example_dp is not None:
-                write_text_atomic(json.dumps(example_dp.to_json()), private_dir / "privacy_ledgers.json")
-            last = metrics.of_type("round", private=True)[-1]
-            loss = "-" if last["loss"] is None else f"{last['loss']:.4f}"
-            progress.update(bar, advance=1, description=f"round {round_idx + 1} loss {loss}")
+                ledgers = json.dumps(example_dp.to_json())
+                write_text_atomic(ledgers, private_dir / "privacy_ledgers.json", private=True)
+            progress.update(bar, advance=1, description=_progress_line(metrics, recipe, round_idx))
             done = round_idx + 1
             if recipe.eval.every and done % recipe.eval.every == 0 and done < rounds:
                 evaluate(done)
@@ -387,6 +424,9 @@ def run_federated(
         recipe.model.adapter,
     )
     wall = time.perf_counter() - started
+    timing = {"rounds_wall_s": round(loop_s, 3), "wall_s": round(wall, 2)}
+    if recipe.privacy.enabled:  # under DP, how long the run took follows the secret draws
+        metrics.write_private({"type": "summary", **timing})
     metrics.write(
         {
             "type": "summary",
@@ -402,14 +442,13 @@ def run_federated(
             "eval_after": after.get("eval_loss"),
             "metrics_before": before,
             "metrics_after": after,
-            "rounds_wall_s": round(loop_s, 3),
-            "wall_s": round(wall, 2),
+            **({} if recipe.privacy.enabled else timing),
             **({} if note is None else {"guarantee": note}),
         }
     )
     metrics.close()
     plot_losses(metrics, run_dir / "loss.png", train=not recipe.privacy.enabled)
-    print_summary(console, metrics, run_dir, wall, note)
+    print_summary(console, metrics, run_dir, wall, note, private=recipe.privacy.enabled)
     return RunResult(
         run_dir=run_dir,
         eval_before=before.get("eval_loss"),

@@ -101,8 +101,6 @@ def warn_skipped(console: Console, skipped: list[dict[str, str]]) -> None:
         )
 
 
-def run_sft(
-    recipe: Recipe, console: Console | None = None, secrets: RunSecrets | None = None
-) -> RunResult:
+def run_sft(recipe: Recipe, console: Console | None = None, secrets: RunSecrets | None = None) -> RunResult:
     """``secrets``: an earlier DP run's keys (``RunSecrets.load(run_dir / "private")``) to replay it."""
     return run_federated(recipe, SFTTask(), console, secrets)

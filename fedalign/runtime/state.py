@@ -21,7 +21,21 @@ from fedalign.algorithms.base import ClientState, Tensors
 _OPT = "optimizer::"
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def shareable(path: Path) -> Path:
+    """Give a file or folder made by ``mkstemp``/``mkdtemp`` (owner-only) the permissions an ordinary
+    ``open``/``mkdir`` would have given it: what a run publishes must be readable like any output."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+    return path
+
+
 def save_tensors_atomic(tensors: Tensors, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Owner-only (0600): used for client state, which is client-private."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -33,11 +47,15 @@ def save_tensors_atomic(tensors: Tensors, path: Path, metadata: dict[str, str] |
         raise
 
 
-def write_text_atomic(text: str, path: Path) -> None:
+def write_text_atomic(text: str, path: Path, private: bool = False) -> None:
+    """Write ``text`` under a temporary name, then rename it into place: owner-only with ``private``, else
+    with the usual permissions."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
+    if not private:
+        shareable(Path(tmp))
     os.replace(tmp, path)
 
 
@@ -69,11 +87,22 @@ class ClientStateStore:
         save_tensors_atomic(flat, path)
 
 
-def save_checkpoint(root: Path, round_idx: int, glob: Tensors, server: dict, keep_last: int | None) -> Path:
-    """Write ``round-NNNNN/`` (global adapter in safetensors + server state in JSON) atomically."""
+def save_checkpoint(
+    root: Path,
+    round_idx: int,
+    glob: Tensors,
+    server: dict,
+    keep_last: int | None,
+    private: tuple[Path, dict] | None = None,
+) -> Path:
+    """Write ``round-NNNNN/`` (global adapter in safetensors + the server's public state in JSON)
+    atomically; ``private`` = (folder, state) writes the server's private state of the same round (the
+    privacy ledgers) owner-only as ``<folder>/round-NNNNN.json``, pruned alike."""
     final = root / f"round-{round_idx:05d}"
     root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
+    if private is not None:
+        write_text_atomic(json.dumps(private[1]), private[0] / f"{final.name}.json", private=True)
+    staging = shareable(Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.")))
     save_file({k: v.contiguous() for k, v in glob.items()}, staging / "global_adapter.safetensors")
     (staging / "server.json").write_text(json.dumps(server, indent=1))
     if final.exists():
@@ -83,4 +112,6 @@ def save_checkpoint(root: Path, round_idx: int, glob: Tensors, server: dict, kee
         rounds = sorted(p for p in root.glob("round-*") if p.is_dir())
         for old in rounds[:-keep_last]:
             shutil.rmtree(old)
+            if private is not None:
+                (private[0] / f"{old.name}.json").unlink(missing_ok=True)
     return final
