@@ -49,7 +49,8 @@ def run(accountant: str, seed: int, out: Path) -> dict:
     plan = next(r for r in records if r["type"] == "privacy")
     summary = next(r for r in records if r["type"] == "summary")
     drop = (summary["eval_before"] - summary["eval_after"]) / summary["eval_before"] * 100
-    return {"sigma": plan["sigma"], "epsilon": summary["epsilon"], "after": summary["eval_after"], "drop": drop}
+    after = summary["eval_after"]
+    return {"sigma": plan["sigma"], "epsilon": summary["epsilon"], "after": after, "drop": drop}
 
 
 def main() -> None:

@@ -76,22 +76,28 @@ class SecretRandomness:
         return self._key.hex()
 
     # -- draws ---------------------------------------------------------------------------------------------
-    def keystream(self, nbytes: int, purpose: bytes) -> bytearray:
+    def keystream(self, nbytes: int, purpose: bytes) -> memoryview:
         """AES-256-CTR keystream under a key of its own per ``purpose`` (never the derivation key itself)."""
         aes_key = hmac.new(self._key, b"\x00keystream:" + purpose, hashlib.sha256).digest()
         encryptor = Cipher(algorithms.AES(aes_key), modes.CTR(bytes(16))).encryptor()
-        return bytearray(encryptor.update(bytes(nbytes)))
+        out = bytearray(nbytes + 15)  # update_into wants room for a block's worth more
+        written = encryptor.update_into(bytes(nbytes), out)
+        return memoryview(out)[:written]
 
-    def _words(self, n: int, purpose: bytes) -> torch.Tensor:
-        """``n`` random 53-bit integers (as int64), read little-endian whatever the host."""
-        raw = np.frombuffer(self.keystream(8 * n, purpose), dtype="<u8") >> np.uint64(11)
-        return torch.from_numpy(raw.astype(np.int64))
+    def _unit(self, n: int, purpose: bytes, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``n`` float64 values uniform on [0, 1), multiples of 2^-53, made on ``device`` from 64-bit
+        little-endian words (one host-to-device copy of the keystream, no other pass on the host)."""
+        words = np.frombuffer(self.keystream(8 * n, purpose), dtype="<i8")
+        if not words.dtype.isnative:
+            words = words.astype(np.int64)
+        raw = torch.from_numpy(words).to(device)
+        return raw.bitwise_and_((1 << 53) - 1).double().mul_(2.0**-53)  # the low 53 bits: as random
 
     def uniform(self, n: int) -> torch.Tensor:
         """``n`` float64 values uniform on [0, 1), multiples of 2^-53 (so ``u < p`` has probability p)."""
         if n == 0:
             return torch.zeros(0, dtype=torch.float64)
-        return self._words(n, b"uniform").double().mul_(2.0**-53)
+        return self._unit(n, b"uniform")
 
     def bernoulli(self, n: int, p: float) -> list[int]:
         """Indices i < n kept independently with probability ``p`` (a Poisson sample)."""
@@ -110,11 +116,13 @@ class SecretRandomness:
         if numel == 0:
             return torch.zeros(0, dtype=dtype, device=device)
         pairs = (numel + 1) // 2
-        u = self._words(2 * pairs, b"gaussian").to(device).double().mul_(2.0**-53).view(2, pairs)
-        radius = torch.log1p(-u[0]).mul_(-2.0).sqrt_()  # 1 - u in (0, 1]: finite
+        u = self._unit(2 * pairs, b"gaussian", device).view(2, pairs)
+        radius = torch.log1p(u[0].neg_()).mul_(-2.0).sqrt_().mul_(std)  # 1 - u in (0, 1]: finite
         angle = u[1].mul_(2.0 * math.pi)
-        values = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:numel]
-        return values.mul_(std).to(dtype)
+        out = torch.empty(2 * pairs, dtype=dtype, device=device)
+        out[:pairs] = radius * torch.cos(angle)
+        out[pairs:] = radius * angle.sin_()
+        return out[:numel]
 
 
 def _encode(labels: tuple[Label, ...]) -> bytes:
