@@ -31,7 +31,6 @@ err_console = Console(stderr=True)
 
 _RECIPE = typer.Argument(..., help="recipe YAML, e.g. recipes/dolly.yaml")
 _OVERRIDES = typer.Argument(None, help="dotted overrides, e.g. federation.rounds=50 lora.r=32")
-_EVAL_ARGS = typer.Argument(None)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -68,10 +67,45 @@ def dpo(recipe: str = _RECIPE, overrides: list[str] | None = _OVERRIDES) -> None
     _run(run_dpo, recipe, overrides)
 
 
-@app.command(name="eval")
-def evaluate(args: list[str] | None = _EVAL_ARGS) -> None:
-    """Evaluate a checkpoint on GSM8K / GSM-hard, MM-SafetyBench, SIUO, BeaverTails-V."""
-    _fail("fedalign eval is not yet available in this version (evaluators are planned)")
+eval_app = typer.Typer(
+    no_args_is_help=True,
+    help="Evaluate a checkpoint (a run directory: its base and tuned model side by side).",
+)
+app.add_typer(eval_app, name="eval")
+_TARGET = typer.Argument(..., help="a fedalign run directory, or a base model (local folder or hub id)")
+_ADAPTER = typer.Option(None, "--adapter", help="a PEFT adapter folder to evaluate on the base model")
+_EVAL_OVERRIDES = typer.Argument(
+    None,
+    help="settings, e.g. data.path=./gsm8k/test.jsonl limit=200 shots=8 variant=gsm8k_cot mode=corrected",
+)
+
+
+def _evaluate_math(benchmark: str, target: str, adapter: str | None, overrides: list[str] | None) -> None:
+    from fedalign.evaluation.math import evaluate_math, parse_overrides
+
+    _quiet_libraries()
+    try:
+        evaluate_math(benchmark, target, adapter, parse_overrides(overrides or []), console)
+    except FedalignError as error:
+        _fail(str(error))
+    except KeyboardInterrupt:
+        _fail("interrupted; finished responses are cached, and rerunning the command continues", code=130)
+
+
+@eval_app.command()
+def gsm8k(
+    target: str = _TARGET, overrides: list[str] | None = _EVAL_OVERRIDES, adapter: str | None = _ADAPTER
+) -> None:
+    """GSM8K exact match as lm-evaluation-harness scores it (strict-match, flexible-extract)."""
+    _evaluate_math("gsm8k", target, adapter, overrides)
+
+
+@eval_app.command()
+def gsmhard(
+    target: str = _TARGET, overrides: list[str] | None = _EVAL_OVERRIDES, adapter: str | None = _ADAPTER
+) -> None:
+    """GSM-hard accuracy (PAL's tolerance) on the answers GSM8K's filters extract."""
+    _evaluate_math("gsmhard", target, adapter, overrides)
 
 
 def _quiet_libraries() -> None:

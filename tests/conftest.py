@@ -18,6 +18,11 @@ QUICKSTART_DATA = REPO / "data" / "quickstart" / "dolly.jsonl"
 @pytest.fixture
 def base_recipe(tmp_path: Path) -> dict:
     """A small valid recipe (as a raw dict) on the embedded tiny model and data."""
+    return small_recipe(tmp_path)
+
+
+def small_recipe(tmp_path: Path) -> dict:
+    """The raw dict behind :func:`base_recipe`, for fixtures of a wider scope."""
     return {
         "name": "test",
         "output_dir": str(tmp_path / "runs"),

@@ -50,11 +50,17 @@ def _shot(doc: Mapping[str, Any], variant: str) -> str:
 
 
 def prompts(
-    docs: Sequence[Mapping[str, Any]], variant: str, train_docs: Sequence[Mapping[str, Any]] = ()
+    docs: Sequence[Mapping[str, Any]],
+    variant: str,
+    train_docs: Sequence[Mapping[str, Any]] = (),
+    shots: int | None = None,
 ) -> list[str]:
-    """The prompt of every document, in order."""
+    """The prompt of every document, in order; ``shots`` fewer than the variant's own, if given."""
     chosen = variant_spec(variant)
-    shots, kind = chosen.get("num_fewshot", 0), chosen.get("fewshot")
+    most, kind = chosen.get("num_fewshot", 0), chosen.get("fewshot")
+    if shots is not None and not 0 <= shots <= most:
+        raise ValueError(f"variant {variant!r} takes 0 to {most} shots, got {shots}")
+    shots = most if shots is None else shots
     if kind == "random_train" and len(train_docs) < shots:
         raise ValueError(
             f"variant {variant!r} needs {shots} training rows for its shots, got {len(train_docs)}"

@@ -1,0 +1,127 @@
+"""Batched greedy generation with a per-sample cache, shared by every benchmark.
+
+Prompts are tokenized once, sorted by length and generated in batches with left padding (so every row's
+new tokens start at the same column and the attention mask hides the padding); a response is cut at the
+first stop sequence, as lm-evaluation-harness cuts it (``until``), and appended to the cache as soon as
+its batch is done. The cache is keyed by everything that decides a response (checkpoint, prompt,
+generation settings), so an interrupted evaluation continues where it stopped and a finished one reruns
+from the cache without loading the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 256
+    batch_size: int = 8
+    stop: tuple[str, ...] = ()
+    do_sample: bool = False  # greedy; the only decoding offered for now
+    seed: int = 0
+    add_special_tokens: bool = False  # lm-eval's HF backend encodes prompts without a BOS by default
+
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+@dataclass
+class ResponseCache:
+    """Append-only JSONL of ``{"key", "response"}``; later lines win."""
+
+    path: Path
+    entries: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a kill: that sample is generated again
+                    continue
+                self.entries[entry["key"]] = entry["response"]
+
+    def add(self, items: list[tuple[str, str]]) -> None:
+        with self.path.open("a") as handle:
+            for key, response in items:
+                handle.write(json.dumps({"key": key, "response": response}) + "\n")
+                self.entries[key] = response
+
+
+def sample_key(checkpoint_id: str, prompt: str, settings: GenerationSettings) -> str:
+    material = json.dumps([checkpoint_id, prompt, settings.key()])
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def cut_at_stops(text: str, stops: Sequence[str]) -> str:
+    for stop in stops:
+        if stop:
+            text = text.split(stop)[0]
+    return text
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, prompts: list[str], settings: GenerationSettings) -> list[str]:
+    """Greedy continuations of ``prompts`` (one padded batch), cut at the stop sequences."""
+    device = next(model.parameters()).device
+    inputs = tokenizer(
+        prompts,
+        padding=True,
+        padding_side="left",
+        return_tensors="pt",
+        add_special_tokens=settings.add_special_tokens,
+    ).to(device)
+    extra = {"stop_strings": list(settings.stop), "tokenizer": tokenizer} if settings.stop else {}
+    output = model.generate(
+        **inputs,
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+    new = output[:, inputs["input_ids"].shape[1] :]
+    texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+    return [cut_at_stops(t, settings.stop) for t in texts]
+
+
+def generate_all(
+    prompts: list[str],
+    settings: GenerationSettings,
+    cache: ResponseCache,
+    checkpoint_id: str,
+    load: Callable[[], tuple[object, object]],
+    console: Console,
+    label: str = "generating",
+) -> tuple[list[str], dict[str, float]]:
+    """Every prompt's response, from the cache or generated (longest prompts first); and what it took."""
+    keys = [sample_key(checkpoint_id, p, settings) for p in prompts]
+    todo = sorted({k: i for i, k in enumerate(keys) if k not in cache.entries}.values())
+    stats = {"generated": float(len(todo)), "cached": float(len(prompts) - len(todo)), "seconds": 0.0}
+    if todo:
+        model, tokenizer = load()
+        lengths = {i: len(tokenizer(prompts[i], add_special_tokens=False)["input_ids"]) for i in todo}
+        todo.sort(key=lambda i: -lengths[i])
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        started = time.perf_counter()
+        with Progress(*columns, TextColumn("{task.fields[rate]}"), console=console) as progress:
+            bar = progress.add_task(label, total=len(todo), rate="")
+            for start in range(0, len(todo), settings.batch_size):
+                batch = todo[start : start + settings.batch_size]
+                responses = generate_batch(model, tokenizer, [prompts[i] for i in batch], settings)
+                cache.add([(keys[i], r) for i, r in zip(batch, responses, strict=True)])
+                done = start + len(batch)
+                rate = done / max(time.perf_counter() - started, 1e-9)
+                progress.update(bar, completed=done, rate=f"{rate:.2f} samples/s")
+        stats["seconds"] = time.perf_counter() - started
+        del model
+    return [cache.entries[k] for k in keys], stats

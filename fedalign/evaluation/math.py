@@ -1,0 +1,262 @@
+"""``fedalign eval gsm8k`` and ``fedalign eval gsmhard``: generate on each checkpoint, score with the
+benchmark's ``evaluate`` module logic (:mod:`evaluators.gsm8k`), write the output folder, print a table.
+
+The folder (``<run>/eval/<benchmark>-<variant>/`` for a run directory, else ``out=``) holds
+``responses.jsonl`` (the per-sample cache), ``samples.jsonl`` (prompt, response, extracted answers, gold,
+correct, per checkpoint), ``metrics.json`` and ``<benchmark>.png`` (base vs tuned).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from evaluators.gsm8k import task
+from evaluators.gsm8k.extraction import score as score_gsm8k
+from evaluators.gsm8k.gsm8k import aggregate
+from evaluators.gsmhard.gsmhard import score as score_gsmhard
+from fedalign.errors import DataError, RecipeError
+from fedalign.evaluation.checkpoint import Checkpoint, is_run_dir, resolve
+from fedalign.evaluation.generation import GenerationSettings, ResponseCache, generate_all
+from fedalign.models.loading import resolve_device
+
+FIELDS = {"gsm8k": ("question", "answer"), "gsmhard": ("input", "target")}
+HEADLINE = {"gsm8k": "exact_match", "gsmhard": "accuracy"}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSettings(_Section):
+    path: str | None = Field(default=None, description="local JSONL: GSM8K test.jsonl or gsmhardv2.jsonl")
+    train_path: str | None = Field(default=None, description="GSM8K train.jsonl (the 5-shot gsm8k variant)")
+
+
+class MathEvalSettings(_Section):
+    data: DataSettings = Field(default_factory=DataSettings)
+    variant: str = task.spec()["default_variant"]
+    shots: int | None = Field(default=None, ge=0, description="fewer shots than the variant's own")
+    mode: Literal["faithful", "corrected"] = "faithful"
+    template: Literal["raw", "chat"] = Field(
+        default="raw", description="raw: lm-eval's prompt text (comparable); chat: inside the chat template"
+    )
+    limit: int | None = Field(default=None, ge=1)
+    max_new_tokens: int = Field(default=256, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    device: str = "auto"
+    out: str | None = None
+
+
+def parse_overrides(overrides: list[str]) -> MathEvalSettings:
+    """``key=value`` pairs (values are YAML, keys dotted) into validated settings, one line per problem."""
+    raw: dict[str, Any] = {}
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"eval: {override!r}: expected key=value")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise RecipeError(f"eval: {key}: {value!r} is not a valid value") from None
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"eval: {key}: {part} is a value, not a section")
+        node[leaf] = parsed
+    try:
+        settings = MathEvalSettings(**raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise RecipeError(f"eval: {where}: {first['msg']}") from None
+    if settings.variant not in task.spec()["variants"]:
+        raise RecipeError(
+            f"eval: variant: {settings.variant!r} is not one of {', '.join(task.spec()['variants'])}"
+        )
+    return settings
+
+
+def load_rows(path: str | None, benchmark: str) -> list[dict[str, Any]]:
+    if path is None:
+        source = "openai/grade-school-math's test.jsonl" if benchmark == "gsm8k" else "PAL's gsmhardv2.jsonl"
+        raise DataError(f"data.path: {benchmark} data is not bundled; point data.path at {source}")
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DataError(f"data.path: {path!r} does not exist")
+    question, gold = FIELDS[benchmark]
+    rows = []
+    for number, line in enumerate(file.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise DataError(f"{path}: row {number}: not valid JSON") from None
+        if not isinstance(row, dict) or question not in row or gold not in row:
+            raise DataError(f"{path}: row {number}: needs the fields {question!r} and {gold!r}")
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def _prompts(settings: MathEvalSettings, docs: list[dict[str, Any]], wrap) -> list[str]:
+    spec = task.variant_spec(settings.variant)
+    train = load_rows(settings.data.train_path, "gsm8k") if spec.get("fewshot") == "random_train" else []
+    try:
+        texts = task.prompts(docs, settings.variant, train, settings.shots)
+    except ValueError as error:
+        raise RecipeError(f"eval: {error}") from None
+    return texts if wrap is None else [wrap(t) for t in texts]
+
+
+def default_folder(target: str, benchmark: str, settings: MathEvalSettings) -> Path:
+    if settings.out is not None:
+        return Path(settings.out).expanduser()
+    name = f"{benchmark}-{settings.variant}" + ("-chat" if settings.template == "chat" else "")
+    path = Path(target).expanduser()
+    if is_run_dir(path):
+        return path / "eval" / name
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", target.strip("/"))[-60:]
+    return Path("evals") / f"{name}-{slug}"
+
+
+def evaluate_math(
+    benchmark: str,
+    target: str,
+    adapter: str | None,
+    settings: MathEvalSettings,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Evaluate every checkpoint of ``target`` on ``benchmark``; returns what ``metrics.json`` holds."""
+    console = console or Console()
+    checkpoints = resolve(target, adapter)
+    docs = load_rows(settings.data.path, benchmark)[: settings.limit]
+    question, gold_field = FIELDS[benchmark]
+    device = resolve_device(settings.device)
+    folder = default_folder(target, benchmark, settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    cache = ResponseCache(folder / "responses.jsonl")
+    stop = tuple(task.stop_sequences(settings.variant))
+    generation = GenerationSettings(settings.max_new_tokens, settings.batch_size, stop)
+    results, samples = [], []
+    for checkpoint in checkpoints:
+        template = _chat_wrapper(checkpoint) if settings.template == "chat" else None
+        prompts = _prompts(settings, [{"question": d[question]} for d in docs], template)
+        responses, stats = generate_all(
+            prompts,
+            generation,
+            cache,
+            checkpoint.id,
+            lambda c=checkpoint: c.load(device),
+            console,
+            checkpoint.label,
+        )
+        rows = []
+        for index, (doc, prompt, response) in enumerate(zip(docs, prompts, responses, strict=True)):
+            if benchmark == "gsm8k":
+                gold = task.reference(doc, settings.variant)
+                scored = score_gsm8k(response, gold, settings.variant, settings.mode)
+            else:
+                gold = float(doc[gold_field])
+                scored = score_gsmhard(response, gold, settings.variant, settings.mode)
+            rows.append(scored)
+            samples.append(
+                {"checkpoint": checkpoint.label, "sample": index, "prompt": prompt, "response": response}
+                | {"gold": gold, **scored}
+            )
+        results.append({**checkpoint.describe(), "metrics": aggregate(rows), "generation_stats": stats})
+    metrics = _metrics(benchmark, settings, generation, docs, results)
+    (folder / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    _plot(benchmark, results, folder / f"{benchmark}.png")
+    _print_table(console, benchmark, results, folder)
+    return metrics
+
+
+def _chat_wrapper(checkpoint: Checkpoint):
+    from fedalign.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(checkpoint.model)
+
+    def wrap(text: str) -> str:
+        messages = [{"role": "user", "content": text}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    return wrap
+
+
+def _metrics(benchmark, settings, generation, docs, results) -> dict[str, Any]:
+    versions = {}
+    for name in ("fedalign", "torch", "transformers", "peft", "evaluate"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    comparable = (
+        "comparable to lm-evaluation-harness's exact_match for the same model, prompt and decoding"
+        if settings.template == "raw" and benchmark == "gsm8k"
+        else "not comparable to lm-evaluation-harness numbers (chat template, or a benchmark lm-eval lacks)"
+    )
+    return {
+        "benchmark": benchmark,
+        "variant": settings.variant,
+        "shots": settings.shots
+        if settings.shots is not None
+        else task.variant_spec(settings.variant).get("num_fewshot", 0),
+        "mode": settings.mode,
+        "template": settings.template,
+        "template_sha256": task.template_hash(settings.variant),
+        "data": {"path": settings.data.path, "samples": len(docs)},
+        "generation": json.loads(generation.key()),
+        "checkpoints": results,
+        "comparable": comparable,
+        "versions": versions,
+    }
+
+
+def _print_table(console: Console, benchmark: str, results: list[dict[str, Any]], folder: Path) -> None:
+    table = Table(title=f"{benchmark} ({results[0]['metrics']['samples']} samples)", show_edge=False)
+    table.add_column("metric")
+    for result in results:
+        table.add_column(result["label"], justify="right")
+    for key in results[0]["metrics"]:
+        if key == "samples":
+            continue
+        values = [r["metrics"][key] for r in results]
+        table.add_row(key, *(f"{v:.4f}" if isinstance(v, float) else str(v) for v in values))
+    console.print(table)
+    console.print(f"written to {folder}")
+
+
+def _plot(benchmark: str, results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    keys = [k for k, v in results[0]["metrics"].items() if isinstance(v, float)]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    width = 0.8 / len(results)
+    for offset, result in enumerate(results):
+        xs = [i + offset * width for i in range(len(keys))]
+        ax.bar(xs, [result["metrics"][k] for k in keys], width, label=result["label"])
+    ax.set_xticks([i + width * (len(results) - 1) / 2 for i in range(len(keys))])
+    ax.set_xticklabels([k.replace(",", "\n") for k in keys], fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(HEADLINE[benchmark])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
