@@ -30,6 +30,7 @@ class GenerationSettings:
     do_sample: bool = False  # greedy; the only decoding offered for now
     seed: int = 0
     add_special_tokens: bool = False  # lm-eval's HF backend encodes prompts without a BOS by default
+    min_new_tokens: int = 0  # benchmarks only: equal decoding work whatever the model answers
 
     def key(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -70,14 +71,27 @@ def cut_at_stops(text: str, stops: Sequence[str]) -> str:
     return text
 
 
+def context_limit(model, settings: GenerationSettings) -> int | None:
+    """How many prompt tokens fit: the model's context less the new tokens (lm-eval's ``max_ctx_len``)."""
+    length = getattr(model.config, "max_position_embeddings", None)
+    if length is None:
+        length = getattr(getattr(model.config, "text_config", None), "max_position_embeddings", None)
+    return None if length is None else max(1, length - settings.max_new_tokens)
+
+
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts: list[str], settings: GenerationSettings) -> list[str]:
-    """Greedy continuations of ``prompts`` (one padded batch), cut at the stop sequences."""
+    """Greedy continuations of ``prompts`` (one padded batch), cut at the stop sequences. A prompt longer
+    than the model's context less ``max_new_tokens`` keeps its last tokens, as lm-eval's HF backend does."""
     device = next(model.parameters()).device
+    limit = context_limit(model, settings)
     inputs = tokenizer(
         prompts,
         padding=True,
         padding_side="left",
+        truncation=limit is not None,
+        truncation_side="left",
+        max_length=limit,
         return_tensors="pt",
         add_special_tokens=settings.add_special_tokens,
     ).to(device)
@@ -85,6 +99,7 @@ def generate_batch(model, tokenizer, prompts: list[str], settings: GenerationSet
     output = model.generate(
         **inputs,
         max_new_tokens=settings.max_new_tokens,
+        min_new_tokens=settings.min_new_tokens,
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
         **extra,
@@ -110,6 +125,13 @@ def generate_all(
     if todo:
         model, tokenizer = load()
         lengths = {i: len(tokenizer(prompts[i], add_special_tokens=False)["input_ids"]) for i in todo}
+        limit = context_limit(model, settings)
+        stats["truncated_prompts"] = float(sum(limit is not None and n > limit for n in lengths.values()))
+        if stats["truncated_prompts"]:
+            console.print(
+                f"{label}: {stats['truncated_prompts']:.0f} prompts are longer than the model's context less "
+                f"max_new_tokens ({limit} tokens) and keep their last {limit} tokens"
+            )
         todo.sort(key=lambda i: -lengths[i])
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
         started = time.perf_counter()
