@@ -95,6 +95,32 @@ def test_batched_generation_equals_one_at_a_time() -> None:
     assert any(len(r.strip()) > 0 for r in batched)
 
 
+def test_batched_generation_equals_one_at_a_time_on_the_tiny_llava() -> None:
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(REPO / "data" / "tiny-llava")
+    model = LlavaForConditionalGeneration.from_pretrained(REPO / "data" / "tiny-llava").eval()
+    questions = ["What is in the picture?", "Describe it.", "Which colour is the square in this drawing?"]
+    colours = ["red", "blue", "green"]
+    prompts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        for q in questions
+    ]
+    images = [Image.new("RGB", (32, 32), c) for c in colours]
+    settings = GenerationSettings(max_new_tokens=12, batch_size=3)
+    batched = generate_batch(model, processor, prompts, settings, images)
+    single = [
+        generate_batch(model, processor, [p], settings, [i])[0] for p, i in zip(prompts, images, strict=True)
+    ]
+    assert batched == single
+    assert any(r.strip() for r in batched)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -80,32 +80,45 @@ def context_limit(model, settings: GenerationSettings) -> int | None:
 
 
 @torch.no_grad()
-def generate_batch(model, tokenizer, prompts: list[str], settings: GenerationSettings) -> list[str]:
-    """Greedy continuations of ``prompts`` (one padded batch), cut at the stop sequences. A prompt longer
-    than the model's context less ``max_new_tokens`` keeps its last tokens, as lm-eval's HF backend does."""
+def generate_batch(
+    model, tokenizer, prompts: list[str], settings: GenerationSettings, images: list | None = None
+) -> list[str]:
+    """Greedy continuations of ``prompts`` (one padded batch), cut at the stop sequences.
+
+    ``tokenizer`` is a tokenizer, or a vision-language model's processor with ``images`` (one PIL image per
+    prompt, whose text holds the image placeholder, e.g. from the processor's chat template). A text
+    prompt longer than the model's context less ``max_new_tokens`` keeps its last tokens, as lm-eval's HF
+    backend does (never an image prompt: cutting it would cut the image's tokens).
+    """
     device = next(model.parameters()).device
-    limit = context_limit(model, settings)
-    inputs = tokenizer(
-        prompts,
-        padding=True,
-        padding_side="left",
-        truncation=limit is not None,
-        truncation_side="left",
-        max_length=limit,
-        return_tensors="pt",
-        add_special_tokens=settings.add_special_tokens,
-    ).to(device)
-    extra = {"stop_strings": list(settings.stop), "tokenizer": tokenizer} if settings.stop else {}
+    text_tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    common = {"padding": True, "padding_side": "left", "return_tensors": "pt"}
+    if images is not None:
+        inputs = tokenizer(
+            images=images, text=prompts, add_special_tokens=settings.add_special_tokens, **common
+        )
+    else:
+        limit = context_limit(model, settings)
+        inputs = tokenizer(
+            prompts,
+            truncation=limit is not None,
+            truncation_side="left",
+            max_length=limit,
+            add_special_tokens=settings.add_special_tokens,
+            **common,
+        )
+    inputs = inputs.to(device)
+    extra = {"stop_strings": list(settings.stop), "tokenizer": text_tokenizer} if settings.stop else {}
     output = model.generate(
         **inputs,
         max_new_tokens=settings.max_new_tokens,
         min_new_tokens=settings.min_new_tokens,
         do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=text_tokenizer.pad_token_id,
         **extra,
     )
     new = output[:, inputs["input_ids"].shape[1] :]
-    texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+    texts = text_tokenizer.batch_decode(new, skip_special_tokens=True)
     return [cut_at_stops(t, settings.stop) for t in texts]
 
 
