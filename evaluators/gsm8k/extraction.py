@@ -26,12 +26,14 @@ INVALID = "[invalid]"
 
 STRICT = {
     "gsm8k": r"#### (\-?[0-9\.\,]+)",
+    "gsm8k_chat": r"#### (\-?[0-9\.\,]+)",
     "gsm8k_cot": r"The answer is (\-?[0-9\.\,]+).",
     "gsm8k_cot_zeroshot": r"The answer is (\-?[0-9\.\,]+).",
     "kpmath_zeroshot": r"The answer is (\-?[0-9\.\,]+).",
 }
 STRICT_CORRECTED = {
     "gsm8k": r"#### \$?(\-?[0-9][0-9\.\,]*)",
+    "gsm8k_chat": r"#### \$?(\-?[0-9][0-9\.\,]*)",
     "gsm8k_cot": r"The answer is:? \$?(\-?[0-9][0-9\.\,]*)",
     "gsm8k_cot_zeroshot": r"The answer is:? \$?(\-?[0-9][0-9\.\,]*)",
     "kpmath_zeroshot": r"The answer is:? \$?(\-?[0-9][0-9\.\,]*)",
