@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -149,3 +150,17 @@ def test_a_missing_model_fails_before_anything_is_written(tmp_path, monkeypatch)
     with pytest.raises(ModelError, match="not a model folder"):
         evaluate_math("gsm8k", str(tmp_path / "nope"), None, _settings(), Console(file=io.StringIO()))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_last_tokens_as_lm_eval_does() -> None:
+    tokenizer = AutoTokenizer.from_pretrained(TINY)
+    model = AutoModelForCausalLM.from_pretrained(TINY).eval()
+    settings = GenerationSettings(max_new_tokens=8, batch_size=2)
+    long = "The capital of Montaland is Dakqui. " * 40 + "Q: Where does Mara live?\nA:"
+    ids = tokenizer(long, add_special_tokens=False)["input_ids"]
+    limit = model.config.max_position_embeddings - settings.max_new_tokens
+    assert len(ids) > limit
+    kept = torch.tensor([ids[-limit:]])
+    expected = model.generate(kept, attention_mask=torch.ones_like(kept), max_new_tokens=8, do_sample=False)
+    want = tokenizer.decode(expected[0, limit:], skip_special_tokens=True)
+    assert generate_batch(model, tokenizer, [long, "Q: Hi\nA:"], settings)[0] == want

@@ -98,16 +98,13 @@ def generate_batch(
             images=images, text=prompts, add_special_tokens=settings.add_special_tokens, **common
         )
     else:
+        inputs = tokenizer(prompts, add_special_tokens=settings.add_special_tokens, **common)
         limit = context_limit(model, settings)
-        inputs = tokenizer(
-            prompts,
-            truncation=limit is not None,
-            truncation_side="left",
-            max_length=limit,
-            add_special_tokens=settings.add_special_tokens,
-            **common,
-        )
-    inputs = inputs.to(device)
+        if limit is not None and inputs["input_ids"].shape[1] > limit:
+            # as lm-eval: keep the last tokens of the left-padded batch (a tokenizer's own truncation
+            # cuts the end, where the question is: its ``truncation_side`` call argument is ignored)
+            inputs = {k: v[:, -limit:] for k, v in inputs.items()}
+    inputs = {k: v.to(device) for k, v in inputs.items()}
     extra = {"stop_strings": list(settings.stop), "tokenizer": text_tokenizer} if settings.stop else {}
     output = model.generate(
         **inputs,
