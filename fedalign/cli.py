@@ -100,6 +100,37 @@ def gsm8k(
     _evaluate_math("gsm8k", target, adapter, overrides)
 
 
+_TASKS = typer.Option(..., "--tasks", help="lm-eval task names, comma-separated, e.g. mmlu,drop")
+_LM_EVAL_SETTINGS = typer.Argument(
+    None, help="include_path=DIR (local task YAMLs), limit=N, num_fewshot=N, batch_size=N, out=DIR"
+)
+
+
+@eval_app.command(name="lm-eval")
+def lm_eval_tasks(
+    target: str = _TARGET,
+    tasks: str = _TASKS,
+    overrides: list[str] | None = _LM_EVAL_SETTINGS,
+    adapter: str | None = _ADAPTER,
+) -> None:
+    """Any lm-evaluation-harness task, through lm-eval's own HF backend (optional: pip install lm-eval)."""
+    import yaml
+
+    from fedalign.evaluation.lm_eval_bridge import evaluate_lm_eval
+
+    _quiet_libraries()
+    settings = {}
+    for override in overrides or []:
+        key, sep, value = override.partition("=")
+        if not sep:
+            _fail(f"eval: {override!r}: expected key=value")
+        settings[key] = yaml.safe_load(value)
+    try:
+        evaluate_lm_eval(target, adapter, [t for t in tasks.split(",") if t], settings, console)
+    except FedalignError as error:
+        _fail(str(error))
+
+
 @eval_app.command()
 def gsmhard(
     target: str = _TARGET, overrides: list[str] | None = _EVAL_OVERRIDES, adapter: str | None = _ADAPTER

@@ -110,3 +110,16 @@ def score(response: str, reference: str, variant: str, mode: str = "faithful") -
         scored["numeric,strict-match"] = numeric_match(fixed, reference)
         scored["numeric,flexible-extract"] = numeric_match(flexible, reference)
     return scored
+
+
+def aggregate(rows: list[dict]) -> dict[str, float | int]:
+    """Mean of each boolean score, and how many answers each filter could not extract."""
+    if not rows:
+        return {"samples": 0}
+    out: dict[str, float | int] = {"samples": len(rows)}
+    for key in rows[0]:
+        if isinstance(rows[0][key], bool):
+            out[key] = sum(bool(r[key]) for r in rows) / len(rows)
+        else:
+            out[f"invalid,{key}"] = sum(r[key] == INVALID for r in rows)
+    return out

@@ -7,7 +7,8 @@ from __future__ import annotations
 import datasets
 import evaluate
 
-from evaluators.gsm8k.extraction import INVALID, VARIANTS, score
+# relative, so that evaluate.load copies the sibling file and the module loads without fedalign
+from .extraction import VARIANTS, aggregate, score
 
 _DESCRIPTION = """Exact match of a model's GSM8K answers under lm-evaluation-harness's two filters:
 strict-match (the variant's answer regex, first match) and flexible-extract (the last number).
@@ -16,7 +17,7 @@ _KWARGS = """
 predictions: list of model responses (the generated text after the prompt).
 references: list of gold answers: the GSM8K ``answer`` field ("...\\n#### 18") or the number alone.
 variant: the prompt family, which decides the strict regex: gsm8k (5-shot "Question: ... Answer:"),
-    gsm8k_cot (8-shot "Q: ... A:", "The answer is N."), gsm8k_cot_zeroshot, kpmath_zeroshot.
+    gsm8k_cot (8-shot "Q: ... A:", "The answer is N."), gsm8k_cot_zeroshot, kpmath_zeroshot, gsm8k_chat.
 mode: 'faithful' (lm-eval's numbers) or 'corrected' (adds numeric,strict-match and numeric,flexible-extract).
 Returns: exact_match,<filter> in [0, 1], invalid,<filter> counts, and the number of samples.
 """
@@ -39,16 +40,3 @@ class GSM8K(evaluate.Metric):
             raise ValueError(f"unknown GSM8K variant {variant!r} (one of {', '.join(VARIANTS)})")
         rows = [score(p, r, variant, mode) for p, r in zip(predictions, references, strict=True)]
         return aggregate(rows)
-
-
-def aggregate(rows: list[dict]) -> dict[str, float | int]:
-    """Mean of each boolean score, and how many answers each filter could not extract."""
-    if not rows:
-        return {"samples": 0}
-    out: dict[str, float | int] = {"samples": len(rows)}
-    for key in rows[0]:
-        if isinstance(rows[0][key], bool):
-            out[key] = sum(bool(r[key]) for r in rows) / len(rows)
-        else:
-            out[f"invalid,{key}"] = sum(r[key] == INVALID for r in rows)
-    return out

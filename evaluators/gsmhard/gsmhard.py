@@ -12,8 +12,16 @@ import math
 import datasets
 import evaluate
 
-from evaluators.gsm8k.extraction import INVALID, VARIANTS, flexible_extract, strict_match, to_number
-from evaluators.gsm8k.gsm8k import aggregate
+# GSM8K's extraction, from the installed package (fedalign's evaluators): evaluate.load copies only files of
+# this folder, so this module needs fedalign installed; evaluators/gsm8k loads on its own.
+from evaluators.gsm8k.extraction import (
+    INVALID,
+    VARIANTS,
+    aggregate,
+    flexible_extract,
+    strict_match,
+    to_number,
+)
 
 _DESCRIPTION = "GSM-hard accuracy with PAL's absolute tolerance 1e-3, per lm-eval GSM8K filter."
 _KWARGS = """

@@ -21,6 +21,10 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fedalign.errors import ModelError
+
+CACHE_FORMAT = 2  # 2: prompts longer than the context keep their last tokens (1 kept the first ones)
+
 
 @dataclass(frozen=True)
 class GenerationSettings:
@@ -33,7 +37,10 @@ class GenerationSettings:
     min_new_tokens: int = 0  # benchmarks only: equal decoding work whatever the model answers
 
     def key(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        """What decides a response. Not the batch size (batched = one at a time), so a smaller batch after
+        running out of memory keeps the cache; a format version, bumped when responses change."""
+        decisive = {k: v for k, v in asdict(self).items() if k not in ("batch_size", "seed")}
+        return json.dumps({**decisive, "format": CACHE_FORMAT}, sort_keys=True)
 
 
 @dataclass
@@ -44,15 +51,22 @@ class ResponseCache:
     entries: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a kill: that sample is generated again
-                    continue
-                self.entries[entry["key"]] = entry["response"]
+        if not self.path.is_file():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):  # a line cut by a kill: dropped, so the next append is whole
+            data = data[: data.rfind(b"\n") + 1]
+            self.path.write_bytes(data)
+        for line in data.decode("utf-8", errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(entry, dict) and isinstance(entry.get("key"), str):
+                self.entries[entry["key"]] = str(entry.get("response", ""))
 
     def add(self, items: list[tuple[str, str]]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # made with the first answer, not before
         with self.path.open("a") as handle:
             for key, response in items:
                 handle.write(json.dumps({"key": key, "response": response}) + "\n")
@@ -76,7 +90,14 @@ def context_limit(model, settings: GenerationSettings) -> int | None:
     length = getattr(model.config, "max_position_embeddings", None)
     if length is None:
         length = getattr(getattr(model.config, "text_config", None), "max_position_embeddings", None)
-    return None if length is None else max(1, length - settings.max_new_tokens)
+    if length is None:
+        return None
+    if settings.max_new_tokens >= length:
+        raise ModelError(
+            f"max_new_tokens: {settings.max_new_tokens} leaves no room for a prompt in the model's "
+            f"{length}-token context"
+        )
+    return length - settings.max_new_tokens
 
 
 @torch.no_grad()

@@ -8,8 +8,10 @@ correct, per checkpoint), ``metrics.json`` and ``<benchmark>.png`` (base vs tune
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -20,8 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from evaluators.gsm8k import task
+from evaluators.gsm8k.extraction import aggregate
 from evaluators.gsm8k.extraction import score as score_gsm8k
-from evaluators.gsm8k.gsm8k import aggregate
 from evaluators.gsmhard.gsmhard import score as score_gsmhard
 from fedalign.errors import DataError, RecipeError
 from fedalign.evaluation.checkpoint import Checkpoint, is_run_dir, resolve
@@ -87,16 +89,25 @@ def parse_overrides(overrides: list[str]) -> MathEvalSettings:
     return settings
 
 
-def load_rows(path: str | None, benchmark: str) -> list[dict[str, Any]]:
+def load_rows(path: str | None, benchmark: str, key: str = "data.path") -> list[dict[str, Any]]:
+    """The benchmark's rows from a local JSONL file; a bad row is one line naming the file and row."""
     if path is None:
-        source = "openai/grade-school-math's test.jsonl" if benchmark == "gsm8k" else "PAL's gsmhardv2.jsonl"
-        raise DataError(f"data.path: {benchmark} data is not bundled; point data.path at {source}")
+        source = {
+            ("gsm8k", "data.path"): "openai/grade-school-math's test.jsonl",
+            ("gsm8k", "data.train_path"): "openai/grade-school-math's train.jsonl (the 5-shot gsm8k shots)",
+            ("gsmhard", "data.path"): "PAL's gsmhardv2.jsonl",
+        }[(benchmark, key)]
+        raise DataError(f"{key}: {benchmark} data is not bundled; point {key} at {source}")
     file = Path(path).expanduser()
     if not file.is_file():
-        raise DataError(f"data.path: {path!r} does not exist")
+        raise DataError(f"{key}: {path!r} does not exist")
     question, gold = FIELDS[benchmark]
     rows = []
-    for number, line in enumerate(file.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    for number, raw in enumerate(file.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: row {number}: not UTF-8 text") from None
         if not line.strip():
             continue
         try:
@@ -105,15 +116,22 @@ def load_rows(path: str | None, benchmark: str) -> list[dict[str, Any]]:
             raise DataError(f"{path}: row {number}: not valid JSON") from None
         if not isinstance(row, dict) or question not in row or gold not in row:
             raise DataError(f"{path}: row {number}: needs the fields {question!r} and {gold!r}")
+        if benchmark == "gsmhard" and not _is_number(row[gold]):
+            raise DataError(f"{path}: row {number}: {gold!r} must be a number, got {row[gold]!r}")
         rows.append(row)
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _prompts(settings: MathEvalSettings, docs: list[dict[str, Any]], wrap) -> list[str]:
     spec = task.variant_spec(settings.variant)
-    train = load_rows(settings.data.train_path, "gsm8k") if spec.get("fewshot") == "random_train" else []
+    needs_train = spec.get("fewshot") == "random_train" and settings.shots != 0
+    train = load_rows(settings.data.train_path, "gsm8k", "data.train_path") if needs_train else []
     try:
         texts = task.prompts(docs, settings.variant, train, settings.shots)
     except ValueError as error:
@@ -121,15 +139,16 @@ def _prompts(settings: MathEvalSettings, docs: list[dict[str, Any]], wrap) -> li
     return texts if wrap is None else [wrap(t) for t in texts]
 
 
-def default_folder(target: str, benchmark: str, settings: MathEvalSettings) -> Path:
+def default_folder(target: str, adapter: str | None, benchmark: str, settings: MathEvalSettings) -> Path:
     if settings.out is not None:
         return Path(settings.out).expanduser()
     name = f"{benchmark}-{settings.variant}" + ("-chat" if settings.template == "chat" else "")
     path = Path(target).expanduser()
     if is_run_dir(path):
         return path / "eval" / name
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", target.strip("/"))[-60:]
-    return Path("evals") / f"{name}-{slug}"
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", target.strip("/"))[-40:]
+    which = hashlib.sha256(f"{Path(target).resolve()}|{adapter and Path(adapter).resolve()}".encode())
+    return Path("evals") / f"{name}-{slug}-{which.hexdigest()[:8]}"
 
 
 def evaluate_math(
@@ -144,9 +163,12 @@ def evaluate_math(
     checkpoints = resolve(target, adapter)
     docs = load_rows(settings.data.path, benchmark)[: settings.limit]
     question, gold_field = FIELDS[benchmark]
-    device = resolve_device(settings.device)
-    folder = default_folder(target, benchmark, settings)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        device = resolve_device(settings.device)
+    except RuntimeError as error:
+        raise RecipeError(f"eval: device: {settings.device!r} is not a device ({error})") from None
+    _prompts(settings, [{"question": d[question]} for d in docs], None)  # settings checked before any write
+    folder = default_folder(target, adapter, benchmark, settings)
     cache = ResponseCache(folder / "responses.jsonl")
     stop = tuple(task.stop_sequences(settings.variant))
     generation = GenerationSettings(settings.max_new_tokens, settings.batch_size, stop)
@@ -178,6 +200,7 @@ def evaluate_math(
             )
         results.append({**checkpoint.describe(), "metrics": aggregate(rows), "generation_stats": stats})
     metrics = _metrics(benchmark, settings, generation, docs, results)
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
     _plot(benchmark, results, folder / f"{benchmark}.png")
@@ -204,10 +227,12 @@ def _metrics(benchmark, settings, generation, docs, results) -> dict[str, Any]:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = "not installed"
+    lm_eval_task = settings.variant in ("gsm8k", "gsm8k_cot", "gsm8k_cot_zeroshot")
     comparable = (
         "comparable to lm-evaluation-harness's exact_match for the same model, prompt and decoding"
-        if settings.template == "raw" and benchmark == "gsm8k"
-        else "not comparable to lm-evaluation-harness numbers (chat template, or a benchmark lm-eval lacks)"
+        if benchmark == "gsm8k" and settings.template == "raw" and lm_eval_task
+        else "not comparable to lm-evaluation-harness numbers (a chat template, a variant or benchmark "
+        "lm-eval does not have)"
     )
     return {
         "benchmark": benchmark,
