@@ -164,3 +164,51 @@ def test_a_prompt_longer_than_the_context_keeps_its_last_tokens_as_lm_eval_does(
     expected = model.generate(kept, attention_mask=torch.ones_like(kept), max_new_tokens=8, do_sample=False)
     want = tokenizer.decode(expected[0, limit:], skip_special_tokens=True)
     assert generate_batch(model, tokenizer, [long, "Q: Hi\nA:"], settings)[0] == want
+
+
+def test_a_torn_cache_line_is_dropped_and_the_next_answer_survives(tmp_path) -> None:
+    from fedalign.evaluation.generation import ResponseCache
+
+    path = tmp_path / "responses.jsonl"
+    path.write_text('{"key": "a", "response": "1"}\n{"key": "b", "resp')  # killed mid-line
+    cache = ResponseCache(path)
+    assert cache.entries == {"a": "1"}
+    cache.add([("c", "3")])
+    assert ResponseCache(path).entries == {"a": "1", "c": "3"}
+
+
+def test_run_adapters_and_recipes_that_cannot_be_evaluated_as_given_fail_in_one_line(
+    run_dir, tmp_path
+) -> None:
+    import shutil
+
+    from fedalign.errors import ModelError
+    from fedalign.evaluation.checkpoint import resolve
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(run_dir / "adapter", adapter)
+    (adapter / "residual_base.safetensors").write_bytes(b"")
+    with pytest.raises(ModelError, match="give the run directory as TARGET"):
+        resolve(str(TINY), str(adapter))
+    broken = tmp_path / "run"
+    shutil.copytree(run_dir, broken, ignore=shutil.ignore_patterns("eval", "checkpoints", "clients"))
+    (broken / "recipe.yaml").write_text("model: [unclosed")
+    with pytest.raises(ModelError, match="not a readable fedalign recipe"):
+        resolve(str(broken))
+
+
+def test_a_retrained_adapter_in_the_same_folder_is_not_answered_from_the_cache(run_dir, tmp_path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from fedalign.evaluation.checkpoint import resolve
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("eval"))
+    before = resolve(str(copy))[1].id
+    weights = copy / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v + 1 for k, v in tensors.items()}, weights)
+    assert resolve(str(copy))[1].id != before
+    assert resolve(str(copy))[0].id == resolve(str(run_dir))[0].id  # the base is the same base
