@@ -70,6 +70,7 @@ def test_a_run_is_evaluated_base_and_tuned_and_an_interrupted_evaluation_continu
     assert written["variant"] == "gsm8k_cot" and written["mode"] == "faithful" and written["shots"] == 8
     assert written["template_sha256"] and written["versions"]["transformers"]
     assert written["generation"]["do_sample"] is False and written["data"]["samples"] == 6
+    assert written["generation"]["seed"] == 0 and written["generation"]["batch_size"] == 2
     samples = [json.loads(x) for x in (folder / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 12 and {"prompt", "response", "strict-match", "gold"} <= samples[0].keys()
 

@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import math
 import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -244,7 +245,7 @@ def _metrics(benchmark, settings, generation, docs, results) -> dict[str, Any]:
         "template": settings.template,
         "template_sha256": task.template_hash(settings.variant),
         "data": {"path": settings.data.path, "samples": len(docs)},
-        "generation": json.loads(generation.key()),
+        "generation": {**asdict(generation), "stop": list(generation.stop)},
         "checkpoints": results,
         "comparable": comparable,
         "versions": versions,
