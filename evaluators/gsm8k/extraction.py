@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 
 INVALID = "[invalid]"
 
@@ -93,23 +94,44 @@ def numeric_match(prediction: str, reference: str) -> bool:
     return math.isclose(predicted, gold, rel_tol=1e-9, abs_tol=1e-9)
 
 
-def score(response: str, reference: str, variant: str, mode: str = "faithful") -> dict[str, object]:
-    """One response against its reference: each filter's extracted answer and whether it is correct."""
+def score_filters(
+    response: str,
+    variant: str,
+    mode: str,
+    names: tuple[str, str],
+    faithful: Callable[[str], bool],
+    corrected: Callable[[str], bool],
+) -> dict[str, object]:
+    """Both filters' answers and their verdicts: ``faithful`` judges lm-eval's extractions (reported as
+    ``names[0]``); in corrected mode ``corrected`` also judges the fixed strict extraction and the flexible
+    one (``names[1]``). GSM8K and GSM-hard differ only in their two judges."""
     if mode not in ("faithful", "corrected"):
         raise ValueError(f"mode must be 'faithful' or 'corrected', got {mode!r}")
     strict, flexible = strict_match(response, variant), flexible_extract(response)
     scored: dict[str, object] = {
         "strict-match": strict,
         "flexible-extract": flexible,
-        "exact_match,strict-match": exact_match(strict, reference),
-        "exact_match,flexible-extract": exact_match(flexible, reference),
+        f"{names[0]},strict-match": faithful(strict),
+        f"{names[0]},flexible-extract": faithful(flexible),
     }
     if mode == "corrected":
         fixed = strict_match(response, variant, corrected=True)
         scored["strict-match-corrected"] = fixed
-        scored["numeric,strict-match"] = numeric_match(fixed, reference)
-        scored["numeric,flexible-extract"] = numeric_match(flexible, reference)
+        scored[f"{names[1]},strict-match"] = corrected(fixed)
+        scored[f"{names[1]},flexible-extract"] = corrected(flexible)
     return scored
+
+
+def score(response: str, reference: str, variant: str, mode: str = "faithful") -> dict[str, object]:
+    """One response against its reference: each filter's extracted answer and whether it is correct."""
+    return score_filters(
+        response,
+        variant,
+        mode,
+        ("exact_match", "numeric"),
+        lambda answer: exact_match(answer, reference),
+        lambda answer: numeric_match(answer, reference),
+    )
 
 
 def aggregate(rows: list[dict]) -> dict[str, float | int]:

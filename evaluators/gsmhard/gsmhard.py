@@ -18,8 +18,7 @@ from evaluators.gsm8k.extraction import (
     INVALID,
     VARIANTS,
     aggregate,
-    flexible_extract,
-    strict_match,
+    score_filters,
     to_number,
 )
 
@@ -42,21 +41,14 @@ def within(prediction: str, target: float, relative: bool = False) -> bool:
 
 
 def score(response: str, target: float, variant: str, mode: str = "faithful") -> dict[str, object]:
-    if mode not in ("faithful", "corrected"):
-        raise ValueError(f"mode must be 'faithful' or 'corrected', got {mode!r}")
-    strict, flexible = strict_match(response, variant), flexible_extract(response)
-    scored: dict[str, object] = {
-        "strict-match": strict,
-        "flexible-extract": flexible,
-        "accuracy,strict-match": within(strict, target),
-        "accuracy,flexible-extract": within(flexible, target),
-    }
-    if mode == "corrected":
-        fixed = strict_match(response, variant, corrected=True)
-        scored["strict-match-corrected"] = fixed
-        scored["relative,strict-match"] = within(fixed, target, relative=True)
-        scored["relative,flexible-extract"] = within(flexible, target, relative=True)
-    return scored
+    return score_filters(
+        response,
+        variant,
+        mode,
+        ("accuracy", "relative"),
+        lambda answer: within(answer, target),
+        lambda answer: within(answer, target, relative=True),
+    )
 
 
 class GSMHard(evaluate.Metric):

@@ -129,15 +129,15 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _prompts(settings: MathEvalSettings, docs: list[dict[str, Any]], wrap) -> list[str]:
+def _prompts(settings: MathEvalSettings, docs: list[dict[str, Any]]) -> list[str]:
+    """The benchmark's own prompt text for every document (the chat template, if any, is per checkpoint)."""
     spec = task.variant_spec(settings.variant)
     needs_train = spec.get("fewshot") == "random_train" and settings.shots != 0
     train = load_rows(settings.data.train_path, "gsm8k", "data.train_path") if needs_train else []
     try:
-        texts = task.prompts(docs, settings.variant, train, settings.shots)
+        return task.prompts(docs, settings.variant, train, settings.shots)
     except ValueError as error:
         raise RecipeError(f"eval: {error}") from None
-    return texts if wrap is None else [wrap(t) for t in texts]
 
 
 def default_folder(target: str, adapter: str | None, benchmark: str, settings: MathEvalSettings) -> Path:
@@ -168,15 +168,14 @@ def evaluate_math(
         device = resolve_device(settings.device)
     except RuntimeError as error:
         raise RecipeError(f"eval: device: {settings.device!r} is not a device ({error})") from None
-    _prompts(settings, [{"question": d[question]} for d in docs], None)  # settings checked before any write
+    raw_prompts = _prompts(settings, [{"question": d[question]} for d in docs])  # checked before any write
     folder = default_folder(target, adapter, benchmark, settings)
     cache = ResponseCache(folder / "responses.jsonl")
     stop = tuple(task.stop_sequences(settings.variant))
     generation = GenerationSettings(settings.max_new_tokens, settings.batch_size, stop)
     results, samples = [], []
     for checkpoint in checkpoints:
-        template = _chat_wrapper(checkpoint) if settings.template == "chat" else None
-        prompts = _prompts(settings, [{"question": d[question]} for d in docs], template)
+        prompts = raw_prompts if settings.template == "raw" else _in_chat_template(checkpoint, raw_prompts)
         responses, stats = generate_all(
             prompts,
             generation,
@@ -209,16 +208,17 @@ def evaluate_math(
     return metrics
 
 
-def _chat_wrapper(checkpoint: Checkpoint):
+def _in_chat_template(checkpoint: Checkpoint, prompts: list[str]) -> list[str]:
+    """Each prompt as the user turn of the checkpoint's chat template (what the run trained with)."""
     from fedalign.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(checkpoint.model)
-
-    def wrap(text: str) -> str:
-        messages = [{"role": "user", "content": text}]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-    return wrap
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
+        for text in prompts
+    ]
 
 
 def _metrics(benchmark, settings, generation, docs, results) -> dict[str, Any]:
