@@ -18,7 +18,6 @@ directory is created, so a refused run leaves nothing behind. The run directory 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -47,12 +46,17 @@ from fedalign.models.loading import (
     load_model,
     resolve_device,
 )
-from fedalign.privacy.client_level import ClientLevelDP
-from fedalign.privacy.example_level import ExampleLevelDP
 from fedalign.privacy.randomness import RunSecrets, make_private_dir
 from fedalign.recipe import Recipe
 from fedalign.runtime.federation import Federation
 from fedalign.runtime.metrics import CLIENT_METRICS, PRIVATE_DIR, MetricsLog
+from fedalign.runtime.privacy_plan import (
+    bind_secrets,
+    client_privacy,
+    guarantee_note,
+    plan_example_privacy,
+    secrets_for,
+)
 from fedalign.runtime.report import plot_losses, print_summary
 from fedalign.runtime.state import ClientStateStore, save_checkpoint, write_text_atomic
 
@@ -161,23 +165,6 @@ def _save_adapter(
     return final
 
 
-def _client_privacy(
-    recipe: Recipe, algorithm: algorithms.Algorithm, task: Task, secrets: RunSecrets | None
-) -> ClientLevelDP | None:
-    """The client-level mechanism, if any; refuses a unit the task does not have before anything loads."""
-    unit = recipe.privacy.unit
-    if unit != "none" and unit not in task.privacy_units:
-        what = {"pair": "protects DPO preference pairs", "example": "protects SFT examples"}.get(unit, "")
-        raise RecipeError(
-            f"privacy.unit: {unit!r} {what}; use {' or '.join(repr(u) for u in task.privacy_units)} "
-            f"with fedalign {task.name}"
-        )
-    if unit == "client":
-        assert secrets is not None
-        return ClientLevelDP(recipe.privacy, recipe.federation, secrets.server, algorithm)
-    return None
-
-
 def run_context(recipe: Recipe) -> algorithms.RunContext:
     return algorithms.RunContext(
         num_clients=recipe.federation.num_clients,
@@ -186,69 +173,6 @@ def run_context(recipe: Recipe) -> algorithms.RunContext:
         learning_rate=recipe.train.learning_rate,
         seed=recipe.seed,
     )
-
-
-def _plan_example_privacy(recipe: Recipe, client_sizes: list[int]) -> ExampleLevelDP | None:
-    """DP-SGD inside each client, per example (SFT) or per preference pair (DPO): same accounting."""
-    if recipe.privacy.unit not in ("example", "pair"):
-        return None
-    smallest = min(client_sizes)
-    if recipe.privacy.delta >= 1 / smallest:
-        raise RecipeError(
-            f"privacy.delta: must be < 1/n for every client's n (smallest client has {smallest} "
-            f"{'pairs' if recipe.privacy.unit == 'pair' else 'rows'}, "
-            f"got {recipe.privacy.delta})"
-        )
-    return ExampleLevelDP.plan(recipe.privacy, recipe.federation, recipe.train, client_sizes)
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def _secrets_for(recipe: Recipe, given: RunSecrets | None) -> RunSecrets | None:
-    """The keys of a DP run's noise and sampling: fresh from the OS (or from the seed when the recipe says
-    ``privacy.randomness: seeded``), or ``given`` to replay exactly the run they came from (tests; resume).
-
-    Keys are tied to their run by a digest of its recipe (and, checked once the data is partitioned, of
-    its partition): the same noise on other data would let two released runs be subtracted."""
-    if not recipe.privacy.enabled:
-        return None
-    recipe_digest = _digest(recipe.resolved_yaml())
-    if given is None:
-        return RunSecrets.create(
-            recipe.privacy.randomness, recipe.federation.num_clients, recipe.seed, recipe_digest
-        )
-    if given.mode != recipe.privacy.randomness or given.fingerprint.split(":")[0] != recipe_digest:
-        raise RecipeError(
-            "privacy: these DP keys belong to another run (its recipe differs); keys only replay the run "
-            "they came from, since the same noise on two runs could be subtracted"
-        )
-    return given
-
-
-def _bind_secrets(secrets: RunSecrets | None, partition_manifest: dict[str, Any]) -> None:
-    """Add the partition's digest to fresh keys, or check a replay's keys against it."""
-    if secrets is None:
-        return
-    digest = _digest(json.dumps([c["row_ids"] for c in partition_manifest["clients"]]))
-    recipe_digest, _, bound = secrets.fingerprint.partition(":")
-    if bound and bound != digest:
-        raise DataError(
-            "privacy: these DP keys belong to another run (its data is partitioned differently); keys only "
-            "replay the run they came from"
-        )
-    secrets.fingerprint = f"{recipe_digest}:{digest}"
-
-
-def guarantee_note(recipe: Recipe) -> str | None:
-    """What a run's ε does not promise, in words (None when it is a guarantee as stated in the README)."""
-    if recipe.privacy.enabled and recipe.privacy.randomness == "seeded":
-        return (
-            "privacy.randomness is 'seeded': the noise and sampling follow from the public seed, so this ε "
-            "is no guarantee against anyone who holds the seed (recipe.yaml); for tests and research only"
-        )
-    return None
 
 
 def _progress_line(metrics: MetricsLog, recipe: Recipe, round_idx: int) -> str:
@@ -269,8 +193,8 @@ def run_federated(
     console = console or Console()
     started = time.perf_counter()
     algorithm = algorithms.build(recipe.algorithm, run_context(recipe))
-    secrets = _secrets_for(recipe, secrets)
-    client_dp = _client_privacy(recipe, algorithm, task, secrets)
+    secrets = secrets_for(recipe, secrets)
+    client_dp = client_privacy(recipe, algorithm, task.name, task.privacy_units, secrets)
     if recipe.lora.projector == "full" and not algorithm.full_tensors:
         raise RecipeError(
             f"lora.projector: 'full' trains the projector as full tensors, which {algorithm.name}'s server "
@@ -290,12 +214,12 @@ def run_federated(
             f"train.max_length={recipe.train.max_length} leaves no training row with a completion"
         )
     partition = make_partition(setup.kept, recipe.partition, recipe.federation.num_clients, recipe.seed)
-    example_dp = _plan_example_privacy(recipe, partition.sizes())
+    example_dp = plan_example_privacy(recipe, partition.sizes())
     if example_dp is not None:
         trainer.make_private(recipe.privacy, example_dp.sigma)
 
     manifest = partition.to_manifest()
-    _bind_secrets(secrets, manifest)
+    bind_secrets(secrets, manifest)
 
     run_dir = new_run_dir(recipe)
     private_dir = make_private_dir(run_dir / PRIVATE_DIR)
