@@ -139,6 +139,96 @@ def gsmhard(
     _evaluate_math("gsmhard", target, adapter, overrides)
 
 
+_JUDGE = typer.Option(
+    "keyword",
+    "--judge",
+    help="openai:MODEL (key from $OPENAI_API_KEY), openai:MODEL@URL (a local vllm/transformers serve), "
+    "hf:PATH (a local model), replay:JUDGE_ID (cached verdicts only) or keyword (a labelled refusal proxy)",
+)
+_SAFETY_SETTINGS = typer.Argument(
+    None,
+    help="settings, e.g. data.path=./MM-SafetyBench limit=50 mode=faithful judge.concurrency=8 "
+    "judge.images=false image_types=[SD_TYPO] tiny=true samples=3 reference=./spavl-refs",
+)
+
+
+def _evaluate_safety(
+    benchmark: str, target: str, adapter: str | None, judge: str, overrides: list[str] | None
+) -> None:
+    from fedalign.evaluation.safety.common import parse_settings
+    from fedalign.evaluation.safety.runner import evaluate, evaluate_suite
+
+    _quiet_libraries()
+    try:
+        settings = parse_settings(overrides or [])
+        if benchmark == "safety":
+            evaluate_suite(target, adapter, judge, settings, console)
+        else:
+            evaluate(benchmark, target, adapter, judge, settings, console)
+    except FedalignError as error:
+        _fail(str(error))
+    except KeyboardInterrupt:
+        _fail(
+            "interrupted; finished responses and verdicts are cached, and rerunning the command continues",
+            130,
+        )
+
+
+@eval_app.command()
+def safety(
+    target: str = _TARGET,
+    overrides: list[str] | None = _SAFETY_SETTINGS,
+    adapter: str | None = _ADAPTER,
+    judge: str = _JUDGE,
+) -> None:
+    """The safety suite: MM-SafetyBench, SIUO, BeaverTails-V, SPA-VL and an over-refusal control."""
+    _evaluate_safety("safety", target, adapter, judge, overrides)
+
+
+@eval_app.command(name="mm-safetybench")
+def mm_safetybench(
+    target: str = _TARGET,
+    overrides: list[str] | None = _SAFETY_SETTINGS,
+    adapter: str | None = _ADAPTER,
+    judge: str = _JUDGE,
+) -> None:
+    """MM-SafetyBench attack success rate per scenario and image type."""
+    _evaluate_safety("mm-safetybench", target, adapter, judge, overrides)
+
+
+@eval_app.command()
+def siuo(
+    target: str = _TARGET,
+    overrides: list[str] | None = _SAFETY_SETTINGS,
+    adapter: str | None = _ADAPTER,
+    judge: str = _JUDGE,
+) -> None:
+    """SIUO safe / effective rates (judged) and multiple-choice accuracy."""
+    _evaluate_safety("siuo", target, adapter, judge, overrides)
+
+
+@eval_app.command(name="beavertails-v")
+def beavertails_v(
+    target: str = _TARGET,
+    overrides: list[str] | None = _SAFETY_SETTINGS,
+    adapter: str | None = _ADAPTER,
+    judge: str = _JUDGE,
+) -> None:
+    """BeaverTails-V harmlessness and helpfulness win rates against the base model."""
+    _evaluate_safety("beavertails-v", target, adapter, judge, overrides)
+
+
+@eval_app.command(name="spa-vl")
+def spa_vl(
+    target: str = _TARGET,
+    overrides: list[str] | None = _SAFETY_SETTINGS,
+    adapter: str | None = _ADAPTER,
+    judge: str = _JUDGE,
+) -> None:
+    """SPA-VL HarmEval harm score and HelpEval win rate (align-anything's protocol)."""
+    _evaluate_safety("spa-vl", target, adapter, judge, overrides)
+
+
 def _quiet_libraries() -> None:
     """Keep the terminal for fedalign's own progress: no per-map progress bars or deprecation chatter."""
     import warnings

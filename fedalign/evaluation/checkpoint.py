@@ -22,6 +22,7 @@ from fedalign.models.loading import (
     check_model_reachable,
     is_vision_language,
     load_base_model,
+    load_processor,
     load_tokenizer,
 )
 from fedalign.recipe import ModelSection
@@ -57,13 +58,19 @@ class Checkpoint:
             "adapter": None if self.adapter is None else str(self.adapter),
         }
 
+    @property
+    def vision(self) -> bool:
+        return is_vision_language(self.model)
+
     def load(self, device: torch.device):
-        """(model with every adapter merged, tokenizer), in eval mode."""
+        """(model with every adapter merged, tokenizer or a vision-language model's processor), in eval
+        mode."""
         from peft import PeftModel
         from safetensors.torch import load_file
 
-        tokenizer = load_tokenizer(self.model)
-        model = load_base_model(self.model, device)
+        vision = self.vision
+        tokenizer = load_processor(self.model) if vision else load_tokenizer(self.model)
+        model = load_base_model(self.model, device, vision=vision)
         if self.residual_base is not None:
             try:
                 unexpected = model.load_state_dict(load_file(str(self.residual_base)), strict=False)[1]
@@ -107,8 +114,9 @@ def is_run_dir(path: Path) -> bool:
     return (path / "recipe.yaml").is_file() and (path / "adapter").is_dir()
 
 
-def resolve(target: str, adapter: str | None = None) -> list[Checkpoint]:
-    """The checkpoints to evaluate for a command-line ``target`` (and ``--adapter``)."""
+def resolve(target: str, adapter: str | None = None, text_only: bool = True) -> list[Checkpoint]:
+    """The checkpoints to evaluate for a command-line ``target`` (and ``--adapter``); ``text_only``
+    refuses a vision-language run (the text benchmarks)."""
     path = Path(target).expanduser()
     if path.is_dir() and is_run_dir(path):
         if adapter is not None:
@@ -123,7 +131,7 @@ def resolve(target: str, adapter: str | None = None) -> list[Checkpoint]:
                 f"{path}: the run started from an adapter, but adapter/{START_ADAPTER}/ is missing"
             )
         check_model_reachable(section)
-        if is_vision_language(section):
+        if text_only and is_vision_language(section):
             raise ModelError(f"{target!r}: a vision-language run; GSM8K and GSM-hard evaluate text models")
         residual = run_adapter / RESIDUAL_BASE
         return [

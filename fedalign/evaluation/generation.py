@@ -31,15 +31,17 @@ class GenerationSettings:
     max_new_tokens: int = 256
     batch_size: int = 8
     stop: tuple[str, ...] = ()
-    do_sample: bool = False  # greedy; the only decoding offered for now
+    do_sample: bool = False  # greedy unless a benchmark samples (SIUO: 3 samples per question)
     seed: int = 0
+    temperature: float = 1.0  # only with do_sample
     add_special_tokens: bool = False  # lm-eval's HF backend encodes prompts without a BOS by default
     min_new_tokens: int = 0  # benchmarks only: equal decoding work whatever the model answers
 
     def key(self) -> str:
         """What decides a response. Not the batch size (batched = one at a time), so a smaller batch after
         running out of memory keeps the cache; a format version, bumped when responses change."""
-        decisive = {k: v for k, v in asdict(self).items() if k not in ("batch_size", "seed")}
+        ignored = ("batch_size", "seed") + (() if self.do_sample else ("temperature",))
+        decisive = {k: v for k, v in asdict(self).items() if k not in ignored}
         return json.dumps({**decisive, "format": CACHE_FORMAT}, sort_keys=True)
 
 
@@ -102,9 +104,15 @@ def context_limit(model, settings: GenerationSettings) -> int | None:
 
 @torch.no_grad()
 def generate_batch(
-    model, tokenizer, prompts: list[str], settings: GenerationSettings, images: list | None = None
+    model,
+    tokenizer,
+    prompts: list[str],
+    settings: GenerationSettings,
+    images: list | None = None,
+    samples: int = 1,
 ) -> list[str]:
-    """Greedy continuations of ``prompts`` (one padded batch), cut at the stop sequences.
+    """Greedy (or, with ``settings.do_sample``, ``samples`` sampled) continuations of ``prompts`` (one
+    padded batch), cut at the stop sequences; sampled ones come prompt by prompt, ``samples`` each.
 
     ``tokenizer`` is a tokenizer, or a vision-language model's processor with ``images`` (one PIL image per
     prompt, whose text holds the image placeholder, e.g. from the processor's chat template). A text
@@ -131,9 +139,14 @@ def generate_batch(
         **inputs,
         max_new_tokens=settings.max_new_tokens,
         min_new_tokens=settings.min_new_tokens,
-        do_sample=False,
+        do_sample=settings.do_sample,
         pad_token_id=text_tokenizer.pad_token_id,
         **extra,
+        **(
+            {"temperature": settings.temperature, "num_return_sequences": samples}
+            if settings.do_sample
+            else {}
+        ),
     )
     new = output[:, inputs["input_ids"].shape[1] :]
     texts = text_tokenizer.batch_decode(new, skip_special_tokens=True)

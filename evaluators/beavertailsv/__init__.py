@@ -1,0 +1,1 @@
+"""BeaverTails-V (Safe RLHF-V): harmlessness and helpfulness win rates against a reference model."""

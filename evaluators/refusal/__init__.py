@@ -1,0 +1,1 @@
+"""The refusal-keyword proxy shared by the safety benchmarks (``--judge keyword``)."""

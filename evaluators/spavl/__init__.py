@@ -1,0 +1,1 @@
+"""SPA-VL HarmEval / HelpEval (align-anything's pairwise protocol against reference answers)."""
