@@ -306,28 +306,32 @@ def judge_all(
     console: Console,
     label: str = "judging",
 ) -> list[JudgeReply]:
-    """Every request's reply, in order: cached ones at once, the rest ``concurrency`` at a time."""
+    """Every request's reply, in order: cached ones at once; each distinct uncached request asked once
+    (identical answers to identical prompts share a verdict), ``concurrency`` at a time."""
     replies: list[JudgeReply | None] = [None] * len(requests)
-    todo = []
+    pending: dict[str, list[int]] = {}
     for index, request in enumerate(requests):
-        if request.key(judge.judge_id) in judge.entries:
+        key = request.key(judge.judge_id)
+        if key in judge.entries:
             replies[index] = judge(request)
         else:
-            todo.append(index)
-    if todo:
+            pending.setdefault(key, []).append(index)
+    if pending:
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
         with Progress(*columns, TextColumn("{task.fields[errors]}"), console=console) as progress:
-            bar = progress.add_task(label, total=len(todo), errors="")
+            bar = progress.add_task(label, total=len(pending), errors="")
             errors = 0
 
-            def run(index: int) -> None:
+            def run(indices: list[int]) -> None:
                 nonlocal errors
-                replies[index] = judge(requests[index])
-                errors += replies[index].status != "ok"  # type: ignore[union-attr]
+                reply = judge(requests[indices[0]])
+                for index in indices:
+                    replies[index] = reply
+                errors += reply.status != "ok"
                 progress.update(bar, advance=1, errors=f"{errors} errors" if errors else "")
 
             with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-                for future in [pool.submit(run, i) for i in todo]:
+                for future in [pool.submit(run, indices) for indices in pending.values()]:
                     future.result()  # re-raises a JudgeError (replay miss) in order
     return [r for r in replies if r is not None]
 

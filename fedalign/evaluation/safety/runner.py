@@ -387,11 +387,13 @@ def _checkpoint_result(
 
 
 def _count_unknown(metrics: dict[str, Any]) -> int:
+    """Replies that parsed to no verdict, counted once (not again in the per-scenario or per-category
+    breakdowns, nor in the judge sanity check on the dataset's own pairs)."""
     total = 0
     for key, value in metrics.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and not key.startswith("per_") and key != "judge_sanity":
             total += _count_unknown(value)
-        elif isinstance(value, int) and (key in ("unknown_count", "unknown") or key.startswith("unknown_")):
+        elif isinstance(value, int) and (key == "unknown_count" or key.startswith("unknown_")):
             total += value
     return total
 
