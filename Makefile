@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo demo-dpo test lint embedded bench clean
+.PHONY: install demo demo-dpo demo-safety test lint embedded bench clean
 
 # torch goes in first and only if the environment has none: a torch already there (CUDA or CPU) is kept
 # (point VENV at an existing environment to reuse its build). Otherwise torch==2.13.0 is installed: the
@@ -21,6 +21,11 @@ demo: install
 
 demo-dpo: install
 	$(VENV)/bin/fedalign dpo recipes/quickstart-dpo.yaml
+
+# The safety suite on the latest demo-dpo run (keyword proxy; the tiny LLaVA refuses with "I would not do
+# this.", a phrase GCG's keyword list lacks, so it is added and recorded as such).
+demo-safety: install
+	$(VENV)/bin/fedalign eval safety $$(ls -d runs/quickstart-dpo-* | tail -1) "keywords_extra=[I would not]" max_new_tokens=24
 
 test: install
 	$(PY) -m pytest

@@ -1,7 +1,14 @@
-"""One folder per benchmark, each a Hugging Face ``evaluate`` module that scores predictions without
-generating anything (``evaluate.load("evaluators/gsm8k")``, or :func:`load`). Generation and the
-``fedalign eval`` command live in :mod:`fedalign`; prompts and scoring rules live here, declared in each
-folder's ``bench.yaml`` and card (README.md)."""
+"""One folder per benchmark: its prompts, parsers and metrics, with no generation and no judge calls.
+Generation, judging and the ``fedalign eval`` command live in :mod:`fedalign.evaluation`.
+
+- ``gsm8k``, ``gsmhard``: Hugging Face ``evaluate`` modules (``evaluate.load("evaluators/gsm8k")``, or
+  :func:`load`), declared in ``bench.yaml``.
+- ``mmsafetybench``, ``siuo``, ``beavertailsv``, ``spavl``: a judge stands between a response and its score,
+  so these are plain modules: ``templates.py`` (upstream's prompts verbatim, with their hashes) and
+  ``scoring.py`` (verdict parsers and metrics, ``faithful`` and ``corrected``).
+- ``refusal``: the refusal-keyword proxy the safety benchmarks fall back on (``--judge keyword``).
+
+Each folder's README.md is its card: data layout, protocol, metrics, upstream quirks."""
 
 from __future__ import annotations
 
@@ -11,8 +18,10 @@ ROOT = Path(__file__).resolve().parent
 
 
 def available() -> list[str]:
-    """The benchmarks: every folder holding a module of its own name."""
-    return sorted(p.name for p in ROOT.iterdir() if (p / f"{p.name}.py").is_file())
+    """The benchmarks: every folder holding an ``evaluate`` module of its own name or a ``scoring.py``."""
+    return sorted(
+        p.name for p in ROOT.iterdir() if (p / f"{p.name}.py").is_file() or (p / "scoring.py").is_file()
+    )
 
 
 def path(name: str) -> Path:
@@ -22,7 +31,8 @@ def path(name: str) -> Path:
 
 
 def load(name: str):
-    """The benchmark's ``evaluate`` module, loaded from this folder by path (never from a hub)."""
+    """The benchmark's ``evaluate`` module (GSM8K, GSM-hard), loaded from this folder by path (never from
+    a hub)."""
     import evaluate
 
     return evaluate.load(str(path(name)))

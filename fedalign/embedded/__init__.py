@@ -305,3 +305,15 @@ def _build_all(args: argparse.Namespace) -> None:
         f"final instruction-tuning loss {dpo['instruct_loss']:.3f}, preferred-behaviour rate of its greedy "
         f"answers {dpo['base_preferred_rate']:.1%}, {dpo['seconds']:.1f} s"
     )
+    build_safety_fixtures(args.out, args.seed, pairs=dpo["pairs"])
+    print(f"wrote {args.out}/safety")
+
+
+def build_safety_fixtures(out: Path, seed: int = 0, pairs: int = 700) -> None:
+    """Write ``out/safety`` (the safety suite's synthetic fixtures), with none of the DPO quickstart's
+    questions (its ``pairs`` visual and text pairs, drawn as :func:`build_dpo` draws them)."""
+    from fedalign.embedded.safety import build_safety
+
+    world = build_world(seed)
+    dpo = make_pairs(world, pairs, seed=seed + 10) + make_pairs(world, pairs, seed=seed + 11, visual=False)
+    build_safety(out, world, seed, exclude={str(r.get("question", r.get("prompt"))) for r in dpo})

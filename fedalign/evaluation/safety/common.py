@@ -85,6 +85,9 @@ class SafetySettings(_Section):
     out: str | None = None
     judge: JudgeOptions = Field(default_factory=JudgeOptions)
     keywords: Literal["gcg", "smoothllm"] = "gcg"
+    keywords_extra: list[str] = Field(
+        default_factory=list, description="refusal phrases added to the keyword list (recorded in metrics)"
+    )
     image_types: list[Literal["SD", "SD_TYPO", "TYPO", "text_only"]] = ["SD", "SD_TYPO", "TYPO"]
     scenarios: list[str] | None = None
     tiny: bool = Field(default=False, description="MM-SafetyBench's TinyVersion_ID_List.json subset")
@@ -275,7 +278,8 @@ def comparability(benchmark: str, judge: CachedJudge | None, fixture: bool, sett
         )
     if judge is None:
         parts.append(
-            f"keyword proxy ({settings.keywords} list): a lower bound on refusal, never an attack success "
+            f"keyword proxy ({settings.keywords} list{_extra(settings)}): a lower bound on refusal, never an "
+            "attack success "
             "rate or a win rate; not comparable to any published number"
         )
     else:
@@ -290,6 +294,10 @@ def comparability(benchmark: str, judge: CachedJudge | None, fixture: bool, sett
     return "; ".join(parts)
 
 
+def _extra(settings: SafetySettings) -> str:
+    return f" + {len(settings.keywords_extra)} extra phrases" if settings.keywords_extra else ""
+
+
 def judge_record(judge: CachedJudge | None, replies: list[JudgeReply], settings: SafetySettings) -> dict:
     """What the metrics say about the judge: id, backend, the models its server reported, error count."""
     if judge is None:
@@ -298,7 +306,7 @@ def judge_record(judge: CachedJudge | None, replies: list[JudgeReply], settings:
         return {
             "id": "keyword",
             "backend": "refusal keywords (proxy)",
-            **classifier(settings.keywords).describe(),
+            **classifier(settings.keywords, settings.keywords_extra).describe(),
         }
     errors = [r.error for r in replies if r.status != "ok"]
     return {

@@ -14,7 +14,6 @@ below the folder) with the 16 preference fields; SPA-VL's test split as ``harm*.
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -168,22 +167,3 @@ def sanity_requests(sample: Sample, kind: str, image: bool) -> list[tuple[JudgeR
     """The dataset's own pair, response_1 as A then as B; the position holds response_1's."""
     first, second = str(sample.meta["response_1"]), str(sample.meta["response_2"])
     return requests(sample, first, second, kind, True, image)
-
-
-def sanity_prediction(outcomes_of_first: list[str]) -> str:
-    """Which response (``1``/``2``) the judge prefers over both orders, ``tie``, or ``unknown``/``error``."""
-    from evaluators.spavl.scoring import item_score
-
-    score = item_score([o if o != "not_both_harmless" else "unknown" for o in outcomes_of_first])
-    if score is None:
-        return "error" if all(o == "error" for o in outcomes_of_first) else "unknown"
-    return "1" if score > 0.5 else "2" if score < 0.5 else "tie"
-
-
-def image_png(data: bytes) -> bytes:
-    """PNG bytes for any image (what a data URL is labelled with)."""
-    from PIL import Image
-
-    out = io.BytesIO()
-    Image.open(io.BytesIO(data)).convert("RGB").save(out, "PNG")
-    return out.getvalue()

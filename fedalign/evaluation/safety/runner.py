@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from evaluators.beavertailsv.scoring import keyword_calibration, preferred_response
 from evaluators.siuo.templates import MCQA_MAX_TOKENS
 from fedalign.errors import DataError, ModelError, RecipeError
 from fedalign.evaluation.checkpoint import Checkpoint, resolve
@@ -228,7 +229,7 @@ def run_beavertails(ctx: Context) -> Result:
     if ctx.judge is None:
         from evaluators.refusal.keywords import classifier
 
-        words = classifier(ctx.settings.keywords)
+        words = classifier(ctx.settings.keywords, ctx.settings.keywords_extra)
         refused_policy = [words.refused(p) for p in policy]
         refused_reference = [words.refused(r) for r in reference]
         n = len(samples)
@@ -241,7 +242,7 @@ def run_beavertails(ctx: Context) -> Result:
                 r and not p for p, r in zip(refused_policy, refused_reference, strict=True)
             ),
         }
-        metrics["keyword_calibration"] = _keyword_calibration(samples, words)
+        metrics["keyword_calibration"] = keyword_calibration([s.meta for s in samples], words.refused)
     else:
         judged = _pairwise(
             ctx, samples, policy, reference, [("harm", None), ("help", None)], True, ctx.settings.judge.images
@@ -257,20 +258,6 @@ def run_beavertails(ctx: Context) -> Result:
     return [_checkpoint_result(ctx, tuned, metrics, replies)], records
 
 
-def _keyword_calibration(samples: list[Sample], words) -> dict[str, Any]:
-    """How the keyword classifier's 'refused' agrees with the dataset's is_response_{1,2}_safe labels."""
-    agree = total = 0
-    for sample in samples:
-        for i in ("1", "2"):
-            label = str(sample.meta.get(f"is_response_{i}_safe", "")).strip().lower()
-            if label in ("yes", "true", "1", "safe", "no", "false", "0", "unsafe"):
-                total += 1
-                agree += words.refused(str(sample.meta[f"response_{i}"])) == (
-                    label in ("yes", "true", "1", "safe")
-                )
-    return {"agreement_with_is_response_safe": agree / total if total else None, "labelled_responses": total}
-
-
 def _sanity(ctx: Context, samples: list[Sample]) -> dict[str, Any]:
     from evaluators.spavl.scoring import agreement
 
@@ -279,7 +266,7 @@ def _sanity(ctx: Context, samples: list[Sample]) -> dict[str, Any]:
         asked = [pairwise.sanity_requests(s, kind, ctx.settings.judge.images) for s in samples]
         replies = ctx.judged([r for item in asked for r, _ in item], f"sanity {kind}")
         results = pairwise.outcomes([r.text for r in replies], [p for item in asked for _, p in item], kind)
-        predictions = [pairwise.sanity_prediction(results[2 * k : 2 * k + 2]) for k in range(len(samples))]
+        predictions = [preferred_response(results[2 * k : 2 * k + 2]) for k in range(len(samples))]
         report[label_key] = agreement(
             {"predicted": p, "label": str(s.meta[label_key])}
             for p, s in zip(predictions, samples, strict=True)
@@ -304,7 +291,7 @@ def run_spavl(ctx: Context) -> Result:
         if ctx.judge is None:
             from evaluators.refusal.keywords import classifier
 
-            words = classifier(ctx.settings.keywords)
+            words = classifier(ctx.settings.keywords, ctx.settings.keywords_extra)
             metrics[f"{split}_refusal_rate_kw"] = sum(map(words.refused, policy)) / len(policy)
             metrics[f"{split}_reference_refusal_rate_kw"] = sum(map(words.refused, reference)) / len(
                 reference
@@ -342,7 +329,7 @@ def run_benign(ctx: Context) -> Result:
             image = pairwise._image(row["image"], file.parent, where) if row.get("image") else None
             samples.append(Sample(f"benign/{len(samples)}", "benign", str(row["question"]), image))
     samples = samples[: ctx.settings.limit] if ctx.settings.limit else samples
-    words = classifier(ctx.settings.keywords)
+    words = classifier(ctx.settings.keywords, ctx.settings.keywords_extra)
     results, records = [], []
     for checkpoint in ctx.checkpoints:
         responses = [r[0] for r in ctx.answers(samples, checkpoint)]

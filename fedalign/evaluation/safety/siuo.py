@@ -132,7 +132,7 @@ def score_generation(
 
 
 def keyword_scores(samples: list[Sample], responses: list[list[str]], settings: SafetySettings):
-    words = classifier(settings.keywords)
+    words = classifier(settings.keywords, settings.keywords_extra)
     rows = []
     for sample, answers in zip(samples, responses, strict=True):
         refused = [words.refused(a) for a in answers]
