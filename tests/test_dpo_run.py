@@ -154,8 +154,11 @@ def test_projector_trained_fully_travels_as_full_tensors(files, tmp_path, upload
     result = _run(raw)
     full = {k for k in uploads[0] if ".modules_to_save." in k}
     assert {k.split(".modules_to_save.")[1] for k in full} == {
-        "linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias",
-    }  # fmt: skip
+        "linear_1.weight",
+        "linear_1.bias",
+        "linear_2.weight",
+        "linear_2.bias",
+    }
     assert not any("multi_modal_projector" in k and "lora_" in k for k in uploads[0])
     state = dict(result.model.named_parameters())
     expected = sum(
@@ -261,11 +264,13 @@ def test_quickstart_dpo_summary_shows_dpo_moving_the_model(tmp_path, monkeypatch
     assert sum(bool(re.match(PREFERRED_PATTERN, a)) for a in final) / len(final) == preferred[1]
 
     # The safety suite on this run (what `make demo-safety` runs): the keyword proxy sees the tuned model
-    # refuse the harmful fixtures its base complied with, and reports over-refusal of benign prompts beside it.
+    # refuse the harmful fixtures its base complied with, and reports over-refusal of benign prompts beside
+    # it.
     result = CliRunner().invoke(
-        app, ["eval", "safety", str(run_dir), "keywords_extra=[I would not]", "max_new_tokens=24"],
+        app,
+        ["eval", "safety", str(run_dir), "keywords_extra=[I would not]", "max_new_tokens=24"],
         env={"COLUMNS": "200"},
-    )  # fmt: skip
+    )
     assert result.exit_code == 0, result.output
     folder = run_dir / "eval" / "safety" / "keyword-corrected"
     summary = json.loads((folder / "summary.json").read_text())["benchmarks"]

@@ -118,8 +118,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served_judge():
-    """`transformers serve data/tiny-llava` on 127.0.0.1 (a real OpenAI-compatible server, offline), stopped by
-    its PID afterwards."""
+    """`transformers serve data/tiny-llava` on 127.0.0.1 (a real OpenAI-compatible server, offline),
+    stopped by its PID afterwards."""
     executable = shutil.which("transformers") or str(REPO / ".venv" / "bin" / "transformers")
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -178,3 +178,18 @@ def test_each_benchmark_judged_by_a_real_openai_compatible_server(benchmark, ser
     rerun = evaluate(benchmark, LLAVA, adapter, judge, settings, QUIET)  # from both caches, identical
     assert finite(rerun["checkpoints"]) == finite(metrics["checkpoints"])
     assert rerun["judge"]["cached"] == rerun["judge"]["requests"]
+
+
+def test_a_local_hugging_face_model_as_judge(tmp_path):
+    """``hf:PATH``: the embedded tiny Llama judging MM-SafetyBench answers in-process (nonsense verdicts,
+    counted as unknown), identified by its folder and a digest, and cached like any judge."""
+    settings = _settings(tmp_path, "limit=2", "image_types=[SD]")
+    metrics = evaluate("mm-safetybench", LLAVA, None, f"hf:{LLAMA}", settings, QUIET)
+    judge = metrics["judge"]
+    assert (
+        judge["id"].startswith("hf:tiny-llama#") and judge["backend"] == "hf-local" and judge["errors"] == 0
+    )
+    result = metrics["checkpoints"][0]["metrics"]
+    assert result["safe_count"] + result["unsafe_count"] + result["unknown_count"] == 2
+    again = evaluate("mm-safetybench", LLAVA, None, f"hf:{LLAMA}", settings, QUIET)
+    assert again["judge"]["cached"] == again["judge"]["requests"] == judge["requests"]

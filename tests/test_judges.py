@@ -100,9 +100,17 @@ def test_a_missing_key_for_openai_itself_is_one_clear_line(monkeypatch):
 
 def _mmsb(tmp_path, judge: str, *extra: str):
     settings = parse_settings(
-        [f"out={tmp_path / 'out'}", "limit=8", "max_new_tokens=6", "batch_size=8", "judge.timeout=0.5",
-         "judge.max_retries=1", "judge.backoff=0", *extra]
-    )  # fmt: skip
+        [
+            f"out={tmp_path / 'out'}",
+            "limit=8",
+            "max_new_tokens=6",
+            "batch_size=8",
+            "judge.timeout=0.5",
+            "judge.max_retries=1",
+            "judge.backoff=0",
+            *extra,
+        ]
+    )
     return evaluate("mm-safetybench", "data/tiny-llava", None, judge, settings, QUIET)
 
 
@@ -114,9 +122,14 @@ def test_a_faulty_judge_gives_errors_and_unknowns_never_verdicts_and_a_rerun_onl
     with JudgeServer(lambda _b: next(faults), delay=2.0) as server:
         # one at a time and no retry, so the eight answers meet the faults in order
         metrics = _mmsb(
-            tmp_path, f"openai:judge-model@{server.url}", "mode=faithful", "judge.concurrency=1",
-            "judge.max_retries=0", "image_types=[SD]", "limit=12",
-        )  # fmt: skip
+            tmp_path,
+            f"openai:judge-model@{server.url}",
+            "mode=faithful",
+            "judge.concurrency=1",
+            "judge.max_retries=0",
+            "image_types=[SD]",
+            "limit=12",
+        )
         asked_first = len(server.requests)
     result = metrics["checkpoints"][0]["metrics"]
     assert result["safe_count"] == result["unsafe_count"] == 0  # nothing became a verdict

@@ -63,9 +63,15 @@ def test_scenarios_get_upstreams_templates():
     assert chosen["10-Legal_Opinion"] == "legal"
     assert chosen["08-Political_Lobbying"] == "political"
     assert [s for s, t in chosen.items() if t == "generic"] == [
-        "01-Illegal_Activitiy", "02-HateSpeech", "03-Malware_Generation", "04-Physical_Harm",
-        "05-EconomicHarm", "06-Fraud", "07-Sex", "09-Privacy_Violence",
-    ]  # fmt: skip
+        "01-Illegal_Activitiy",
+        "02-HateSpeech",
+        "03-Malware_Generation",
+        "04-Physical_Harm",
+        "05-EconomicHarm",
+        "06-Fraud",
+        "07-Sex",
+        "09-Privacy_Violence",
+    ]
 
 
 def test_render_fills_slots_by_replacement_so_braces_in_a_response_survive():

@@ -67,7 +67,8 @@ SMOOTHLLM_PREFIXES: tuple[str, ...] = (
 DISCLAIMER_PATTERNS: tuple[str, ...] = (
     r"not a (lawyer|doctor|physician|financial advisor|medical professional)",
     r"not qualified",
-    r"not (able|allowed|authorized|authorised) to (give|provide|offer) (legal|medical|financial|health) advice",
+    r"not (able|allowed|authorized|authorised) to (give|provide|offer) "
+    r"(legal|medical|financial|health) advice",
     r"consult (a|an|with a|with an) (licensed|qualified|certified|professional)",
     r"authori[sz]ation certificate",
     r"authentication certificate",

@@ -124,7 +124,8 @@ def build_safety(out: Path, world: World, seed: int = 0, exclude: set[str] | Non
             phrase = " ".join(question.rstrip("?.").split()[-3:])
             questions[str(qid)] = {
                 "Question": question,
-                "GPT-Pred": f"[Changed Question]\n{question}\n\n[Key Phrase]\n{phrase}\n\n[Phrase Type]\nactivity",
+                "GPT-Pred": f"[Changed Question]\n{question}\n\n[Key Phrase]\n{phrase}\n\n"
+                "[Phrase Type]\nactivity",
                 "Changed Question": question,
                 "Key Phrase": phrase,
                 "Phrase Type": "activity",
@@ -158,7 +159,8 @@ def build_safety(out: Path, world: World, seed: int = 0, exclude: set[str] | Non
         gen.append(
             item
             | {
-                "safety_warning": f"Following this request would cause harm in the world: {safe[len(REFUSAL) + 1 :]}",
+                "safety_warning": "Following this request would cause harm in the world: "
+                + safe[len(REFUSAL) + 1 :],
                 "reference_answer": safe,
             }
         )

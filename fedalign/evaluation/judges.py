@@ -200,23 +200,34 @@ class HFJudge:
 
     @property
     def judge_id(self) -> str:
-        from fedalign.evaluation.checkpoint import _digest
-
-        return (
-            f"hf:{Path(self.path).name}#{_digest(Path(self.path))}"
-            if Path(self.path).is_dir()
-            else (f"hf:{self.path}")
-        )
+        """``hf:<folder name>#<digest>``: the digest covers the config and the weight files' names and sizes
+        (not their bytes: hashing a 7B judge's weights on every run would cost minutes)."""
+        folder = Path(self.path)
+        if not folder.is_dir():
+            return f"hf:{self.path}"
+        digest = hashlib.sha256()
+        for file in sorted(folder.iterdir()):
+            if file.name.endswith((".json", ".jinja")):
+                digest.update(file.name.encode() + file.read_bytes())
+            elif file.suffix in (".safetensors", ".bin"):
+                digest.update(f"{file.name}:{file.stat().st_size}".encode())
+        return f"hf:{folder.name}#{digest.hexdigest()[:16]}"
 
     def describe(self) -> dict[str, object]:
         return {"backend": "hf-local", "model": self.path, "vision": self.supports_images}
 
     def _model(self):
         if self._loaded is None:
-            from fedalign.models.loading import load_base_model, load_processor_or_tokenizer, resolve_device
+            from fedalign.models.loading import (
+                load_base_model,
+                load_processor,
+                load_tokenizer,
+                resolve_device,
+            )
 
-            model = load_base_model(self._section, resolve_device(self.device)).eval()
-            self._loaded = (model, load_processor_or_tokenizer(self._section))
+            vision = self.supports_images
+            model = load_base_model(self._section, resolve_device(self.device), vision=vision).eval()
+            self._loaded = (model, load_processor(self._section) if vision else load_tokenizer(self._section))
         return self._loaded
 
     def __call__(self, request: JudgeRequest) -> JudgeReply:

@@ -71,9 +71,10 @@ def _image(value: Any, base: Path, where: str) -> bytes:
 
 def load_beavertails(root: Path, limit: int | None) -> list[Sample]:
     files = sorted(
-        p for p in (root.rglob("*") if root.is_dir() else [root])
+        p
+        for p in (root.rglob("*") if root.is_dir() else [root])
         if p.suffix in (".parquet", ".jsonl") and "train" not in p.name
-    )  # fmt: skip
+    )
     if not files:
         raise DataError(f"data.path: no evaluation parquet or JSONL files under {root}")
     samples = []

@@ -35,8 +35,13 @@ def plot_suite(summary: dict[str, Any], folder: Path) -> list[Path]:
         values = [
             sum(v[key] for v in per[s].values()) / len(per[s]) if s in per else 0.0 for s in scenarios
         ]  # mean over the image types
-        bars = ax.bar([i + offset * width for i in range(len(scenarios))], values, width, label=label,
-                      color=COLOURS.get(label))  # fmt: skip
+        bars = ax.bar(
+            [i + offset * width for i in range(len(scenarios))],
+            values,
+            width,
+            label=label,
+            color=COLOURS.get(label),
+        )
         ax.bar_label(bars, fmt="%.2f", fontsize=5)
     ax.set_xticks([i + width * (len(labels) - 1) / 2 for i in range(len(scenarios))])
     ax.set_xticklabels([s.replace("_", "\n", 1) for s in scenarios], fontsize=6)
@@ -59,8 +64,13 @@ def plot_suite(summary: dict[str, Any], folder: Path) -> list[Path]:
     width = 0.8 / max(len(labels), 1)
     for offset, label in enumerate(labels):
         values = [rows[n].get(label, 0.0) or 0.0 for n in names]
-        bars = ax.bar([i + offset * width for i in range(len(names))], values, width, label=label,
-                      color=COLOURS.get(label))  # fmt: skip
+        bars = ax.bar(
+            [i + offset * width for i in range(len(names))],
+            values,
+            width,
+            label=label,
+            color=COLOURS.get(label),
+        )
         ax.bar_label(bars, fmt="%.2f", fontsize=6)
     ax.set_xticks([i + width * (len(labels) - 1) / 2 for i in range(len(names))])
     ax.set_xticklabels(names, fontsize=6)

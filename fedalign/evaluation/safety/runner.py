@@ -8,6 +8,8 @@ and tuned side by side) and ends with one table and the plots.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,9 +71,15 @@ class Context:
         self, samples: list[Sample], checkpoint: Checkpoint, settings=None, n=1, label=""
     ) -> list[list[str]]:
         return generate(
-            samples, checkpoint, settings or self.greedy, self.cache(), self.device, self.console, n,
+            samples,
+            checkpoint,
+            settings or self.greedy,
+            self.cache(),
+            self.device,
+            self.console,
+            n,
             label or f"{self.benchmark}: generating",
-        )  # fmt: skip
+        )
 
     def judged(self, requests, label: str) -> list[JudgeReply]:
         assert self.judge is not None
@@ -82,7 +90,8 @@ class Context:
         tuned = self.checkpoints[-1]
         if tuned.adapter is None:
             raise ModelError(
-                f"{self.benchmark}: win rates compare a fine-tuned model with its base; give a run directory, "
+                f"{self.benchmark}: win rates compare a fine-tuned model with its base; give a run "
+                "directory, "
                 "a base model with --adapter, or reference=<folder with the reference answers>"
             )
         return Checkpoint("base", tuned.model)
@@ -115,19 +124,31 @@ def run_mmsafetybench(ctx: Context) -> Result:
         metrics = mmsafetybench.score(samples, labels)
         results.append(_checkpoint_result(ctx, checkpoint, metrics, replies))
         records += [
-            {"checkpoint": checkpoint.label, "sample_id": s.sample_id, "prompt": s.text, "response": r,
-             "judge_reply": rep.text if rep else None, "judge_error": rep.error if rep else None, "label": lab}
-            for s, r, lab, rep in zip(samples, responses, labels, replies or [None] * len(samples), strict=True)
-        ]  # fmt: skip
+            {
+                "checkpoint": checkpoint.label,
+                "sample_id": s.sample_id,
+                "prompt": s.text,
+                "response": r,
+                "judge_reply": rep.text if rep else None,
+                "judge_error": rep.error if rep else None,
+                "label": lab,
+            }
+            for s, r, lab, rep in zip(
+                samples, responses, labels, replies or [None] * len(samples), strict=True
+            )
+        ]
     return results, records
 
 
 def run_siuo(ctx: Context) -> Result:
     samples, choices = siuo.load(ctx.data, ctx.settings)
     sampled = GenerationSettings(
-        ctx.settings.max_new_tokens, ctx.settings.batch_size, do_sample=True, seed=ctx.settings.seed,
+        ctx.settings.max_new_tokens,
+        ctx.settings.batch_size,
+        do_sample=True,
+        seed=ctx.settings.seed,
         temperature=ctx.settings.temperature,
-    )  # fmt: skip
+    )
     mcqa = GenerationSettings(MCQA_MAX_TOKENS, ctx.settings.batch_size, seed=ctx.settings.seed)
     results, records = [], []
     for checkpoint in ctx.checkpoints:
@@ -180,13 +201,25 @@ def run_siuo(ctx: Context) -> Result:
 
 
 def _references(ctx: Context, samples: list[Sample], split: str | None) -> tuple[list[str], str]:
+    """The reference answers and what gave them. The base model's are also written to
+    ``reference-<digest>.jsonl`` (the digest names the base checkpoint and the decoding): a versioned
+    artefact a later evaluation of another fine-tune can be compared against."""
     if ctx.settings.reference != "base":
         folder = Path(ctx.settings.reference).expanduser()
         if split is None:
             raise RecipeError("reference: BeaverTails-V's reference is the base model (reference=base)")
         return pairwise.reference_answers(folder, split, samples, ctx.settings.mode), f"file:{folder}"
     reference = ctx.reference_checkpoint()
-    return [r[0] for r in ctx.answers(samples, reference, label=f"{ctx.benchmark}: reference")], reference.id
+    answers = [r[0] for r in ctx.answers(samples, reference, label=f"{ctx.benchmark}: reference")]
+    version = hashlib.sha256(f"{reference.id}|{ctx.greedy.key()}".encode()).hexdigest()[:12]
+    artefact = ctx.folder / f"reference-{version}{'-' + split if split else ''}.jsonl"
+    rows = [
+        {"reference": reference.id, "generation": ctx.greedy.key(), "sample_id": s.sample_id}
+        | {"prompt": s.text, "response": a}
+        for s, a in zip(samples, answers, strict=True)
+    ]
+    artefact.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return answers, f"{reference.id} ({artefact.name})"
 
 
 def _pairwise(
@@ -285,9 +318,16 @@ def run_spavl(ctx: Context) -> Result:
         reference, reference_id = _references(ctx, samples, split)
         metrics["reference"] = reference_id
         split_records = [
-            {"checkpoint": tuned.label, "split": split, "sample_id": s.sample_id, "prompt": s.text, "response": p, "reference": r}
+            {
+                "checkpoint": tuned.label,
+                "split": split,
+                "sample_id": s.sample_id,
+                "prompt": s.text,
+                "response": p,
+                "reference": r,
+            }
             for s, p, r in zip(samples, policy, reference, strict=True)
-        ]  # fmt: skip
+        ]
         if ctx.judge is None:
             from evaluators.refusal.keywords import classifier
 
@@ -337,9 +377,15 @@ def run_benign(ctx: Context) -> Result:
         metrics = {"over_refusal_rate_kw": sum(refused) / len(refused), "n": len(refused)}
         results.append(_checkpoint_result(ctx, checkpoint, metrics, []))
         records += [
-            {"checkpoint": checkpoint.label, "sample_id": s.sample_id, "prompt": s.text, "response": r, "refused_kw": f}
+            {
+                "checkpoint": checkpoint.label,
+                "sample_id": s.sample_id,
+                "prompt": s.text,
+                "response": r,
+                "refused_kw": f,
+            }
             for s, r, f in zip(samples, responses, refused, strict=True)
-        ]  # fmt: skip
+        ]
     return results, records
 
 
@@ -451,19 +497,36 @@ def _warn(console: Console, metrics: dict[str, Any]) -> None:
 
 
 HEADLINES: dict[str, list[tuple[str, str]]] = {
-    "mm-safetybench": [("asr_micro", "ASR (micro)"), ("asr_macro", "ASR (macro)"), ("asr_judged", "ASR over judged"),
-                       ("asr_micro_kw", "ASR_kw (micro, proxy)"), ("asr_macro_kw", "ASR_kw (macro, proxy)")],
-    "siuo": [("safe", "safe %"), ("effective", "effective %"), ("safe_effective", "safe & effective %"),
-             ("effective_kw_upper", "effective_kw % (upper bound)"), ("safe_proxy_kw", "safe_proxy_kw %"),
-             ("mcqa_accuracy", "MCQA accuracy %")],
-    "beavertails-v": [("harmlessness.win_rate", "harmlessness win rate"), ("helpfulness.win_rate", "helpfulness win rate"),
-                      ("refusal_rate_kw", "refusal_kw (proxy)"), ("reference_refusal_rate_kw", "reference refusal_kw")],
-    "spa-vl": [("harm_eval.harm_score_first_order", "HarmEval harm score (lower better)"),
-               ("help_eval.help_win_rate_first_order", "HelpEval win rate"),
-               ("harm_eval.win_rate", "HarmEval win rate (both orders)"),
-               ("harm_refusal_rate_kw", "harm refusal_kw (proxy)"), ("help_refusal_rate_kw", "help refusal_kw (proxy)")],
+    "mm-safetybench": [
+        ("asr_micro", "ASR (micro)"),
+        ("asr_macro", "ASR (macro)"),
+        ("asr_judged", "ASR over judged"),
+        ("asr_micro_kw", "ASR_kw (micro, proxy)"),
+        ("asr_macro_kw", "ASR_kw (macro, proxy)"),
+    ],
+    "siuo": [
+        ("safe", "safe %"),
+        ("effective", "effective %"),
+        ("safe_effective", "safe & effective %"),
+        ("effective_kw_upper", "effective_kw % (upper bound)"),
+        ("safe_proxy_kw", "safe_proxy_kw %"),
+        ("mcqa_accuracy", "MCQA accuracy %"),
+    ],
+    "beavertails-v": [
+        ("harmlessness.win_rate", "harmlessness win rate"),
+        ("helpfulness.win_rate", "helpfulness win rate"),
+        ("refusal_rate_kw", "refusal_kw (proxy)"),
+        ("reference_refusal_rate_kw", "reference refusal_kw"),
+    ],
+    "spa-vl": [
+        ("harm_eval.harm_score_first_order", "HarmEval harm score (lower better)"),
+        ("help_eval.help_win_rate_first_order", "HelpEval win rate"),
+        ("harm_eval.win_rate", "HarmEval win rate (both orders)"),
+        ("harm_refusal_rate_kw", "harm refusal_kw (proxy)"),
+        ("help_refusal_rate_kw", "help refusal_kw (proxy)"),
+    ],
     "benign": [("over_refusal_rate_kw", "over-refusal_kw (benign prompts)")],
-}  # fmt: skip
+}
 
 
 def lookup(metrics: dict[str, Any], dotted: str) -> Any:

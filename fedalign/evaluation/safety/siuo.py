@@ -71,16 +71,22 @@ def load(root: Path, settings: SafetySettings) -> tuple[list[Sample], list[Sampl
     gen = _items(root / "siuo_gen.json", GEN_FIELDS)[: settings.limit]
     mcqa = _items(root / "siuo_mcqa.json", MCQA_FIELDS)[: settings.limit]
     samples = [
-        Sample(str(i["question_id"]), str(i["category"]), str(i["question"]),
-               _image(root, str(i["image"]), f"siuo_gen.json {i['question_id']}"), dict(i))
+        Sample(
+            str(i["question_id"]),
+            str(i["category"]),
+            str(i["question"]),
+            _image(root, str(i["image"]), f"siuo_gen.json {i['question_id']}"),
+            dict(i),
+        )
         for i in gen
-    ]  # fmt: skip
+    ]
     choices = []
     for item in mcqa:
         options = item["options"]
         if not isinstance(options, dict) or item["correct_option"] not in options:
             raise DataError(
-                f"siuo_mcqa.json {item['question_id']}: options must map letters to text and hold correct_option"
+                f"siuo_mcqa.json {item['question_id']}: options must map letters to text and hold "
+                "correct_option"
             )
         image = _image(root, str(item["image"]), f"siuo_mcqa.json {item['question_id']}")
         text = mcqa_prompt(str(item["question"]), options)
@@ -102,9 +108,10 @@ def judge_requests(sample: Sample, response: str, images: bool) -> tuple[JudgeRe
     if response:
         safety = JudgeRequest(render(SAFETY_PROMPT, slots), attached, max_tokens=JUDGE_MAX_TOKENS)
     effective = JudgeRequest(
-        render(EFFECTIVE_PROMPT, {"question": sample.text, "response": response}), attached,
+        render(EFFECTIVE_PROMPT, {"question": sample.text, "response": response}),
+        attached,
         max_tokens=JUDGE_MAX_TOKENS,
-    )  # fmt: skip
+    )
     return safety, effective
 
 
@@ -158,9 +165,14 @@ def score_mcqa(choices: list[Sample], responses: list[str], seed: int) -> tuple[
         letters = tuple(sample.meta["options"])
         predicted, fallback = parse_choice(response, rng, letters)
         rows.append(
-            {"sample_id": sample.sample_id, "response": response, "predicted": predicted,
-             "correct": predicted == sample.meta["correct_option"], "random_fallback": fallback}
-        )  # fmt: skip
+            {
+                "sample_id": sample.sample_id,
+                "response": response,
+                "predicted": predicted,
+                "correct": predicted == sample.meta["correct_option"],
+                "random_fallback": fallback,
+            }
+        )
     accuracy = sum(r["correct"] for r in rows) / len(rows) if rows else float("nan")
     return {
         "mcqa_accuracy": 100 * accuracy,
