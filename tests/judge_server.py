@@ -38,6 +38,10 @@ class JudgeServer:
                     what = "ok:safe"
                 if what == "500":
                     self._send(500, b'{"error": {"message": "overloaded"}}')
+                elif what == "401":  # as OpenAI answers a wrong key: the key echoed, partly masked
+                    key = self.headers.get("Authorization", "").removeprefix("Bearer ")
+                    message = f"Incorrect API key provided: {key[:8]}****{key[-4:]} and {key}"
+                    self._send(401, json.dumps({"error": {"message": message}}).encode())
                 elif what == "garbage":
                     self._send(200, b"<html>not json")
                 else:

@@ -193,3 +193,72 @@ def test_a_local_hugging_face_model_as_judge(tmp_path):
     assert result["safe_count"] + result["unsafe_count"] + result["unknown_count"] == 2
     again = evaluate("mm-safetybench", LLAVA, None, f"hf:{LLAMA}", settings, QUIET)
     assert again["judge"]["cached"] == again["judge"]["requests"] == judge["requests"]
+
+
+def test_bad_images_and_empty_data_are_one_line_before_any_model_loads(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    mmsb = tmp_path / "mmsb"
+    shutil.copytree(REPO / "data" / "safety" / "mm-safetybench", mmsb)
+    (mmsb / "imgs" / "01-Illegal_Activitiy" / "SD" / "0.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(FedalignError, match=r"SD/0.jpg: not a readable image"):
+        evaluate("mm-safetybench", LLAVA, None, "keyword", _settings(tmp_path, f"data.path={mmsb}"), QUIET)
+    empty = tmp_path / "benign"
+    empty.mkdir()
+    pq.write_table(pa.table({"question": pa.array([], pa.string())}), empty / "b.parquet")
+    with pytest.raises(FedalignError, match="no samples to evaluate"):
+        evaluate("benign", LLAVA, None, "keyword", _settings(tmp_path, f"data.path={empty}"), QUIET)
+    siuo = tmp_path / "siuo"
+    shutil.copytree(REPO / "data" / "safety" / "siuo", siuo)
+    items = json.loads((siuo / "siuo_mcqa.json").read_text())
+    items[0]["correct_option"] = ["A"]
+    (siuo / "siuo_mcqa.json").write_text(json.dumps(items))
+    with pytest.raises(FedalignError, match="options must map letters to text"):
+        evaluate("siuo", LLAVA, None, "keyword", _settings(tmp_path, f"data.path={siuo}"), QUIET)
+    with pytest.raises(FedalignError, match="keywords_extra"):
+        parse_settings(["keywords_extra=['']"])
+
+
+@pytest.mark.parametrize("benchmark", ["siuo", "beavertails-v", "spa-vl"])
+def test_a_failing_judge_gives_no_verdict_on_any_benchmark(benchmark, adapter, tmp_path):
+    from tests.judge_server import JudgeServer
+
+    with JudgeServer("500") as server:
+        settings = _settings(tmp_path, "limit=2", "judge.max_retries=0", "judge.timeout=2")
+        metrics = evaluate(benchmark, LLAVA, adapter, f"openai:m@{server.url}", settings, QUIET)
+    result = metrics["checkpoints"][-1]["metrics"]
+    assert metrics["errors"] == metrics["judge"]["requests"] > 0 and metrics["judge"]["errors"] > 0
+    if benchmark == "siuo":  # no question has a vote: nothing is safe or effective
+        assert result["safe"] is None or result["unknown_safe"] == result["n"]
+        assert result["unknown_effective"] == result["n"] and result["mcqa_n"] == 2  # MCQA needs no judge
+    elif benchmark == "beavertails-v":
+        for kind in ("harmlessness", "helpfulness"):
+            assert result[kind]["items_scored"] == 0 and result[kind]["error_count"] == 4
+            assert result[kind]["win_count"] == result[kind]["loss_count"] == result[kind]["tie_count"] == 0
+        assert result["judge_sanity"]["safer_response_id"]["decided"] == 0
+    else:
+        assert (
+            result["harm_eval"]["error_count"] == 4 and result["harm_eval"]["items_scored"] == 0
+        )  # 2 orders
+
+
+def test_spavl_reference_answers_align_by_index_faithfully_and_by_question_when_corrected(tmp_path):
+    from fedalign.evaluation.safety.pairwise import load_spavl, reference_answers
+
+    samples = load_spavl(REPO / "data" / "safety" / "spa-vl", "harm", 3)
+    shuffled = [{"question": s.text, "response": f"answer to {s.text}"} for s in reversed(samples)]
+    (tmp_path / "base_model_harm_QA.json").write_text(json.dumps(shuffled))
+    by_index = reference_answers(tmp_path, "harm", samples, "faithful")
+    by_question = reference_answers(tmp_path, "harm", samples, "corrected")
+    assert by_question == [f"answer to {s.text}" for s in samples]
+    assert by_index == [r["response"] for r in shuffled] != by_question  # upstream's quirk, kept in faithful
+
+
+def test_the_suite_on_a_single_model_skips_the_pairwise_benchmarks_up_front(tmp_path):
+    from fedalign.evaluation.safety.runner import evaluate_suite
+
+    summary = evaluate_suite(LLAVA, None, "keyword", _settings(tmp_path, "limit=2", "samples=1"), QUIET)
+    assert set(summary["skipped"]) == {"beavertails-v", "spa-vl"}
+    assert set(summary["benchmarks"]) == {"mm-safetybench", "siuo", "benign"}
+    assert (tmp_path / "safety" / "keyword-corrected" / "safety-rates.png").is_file()

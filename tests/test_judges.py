@@ -90,6 +90,33 @@ def test_concurrency_is_bounded(tmp_path):
     assert [r.text for r in replies] == ["safe"] * 12 and 1 < peak[0] <= 3
 
 
+def test_an_openai_key_is_never_sent_to_another_server_unless_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-SECRET")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")  # never consulted
+    with JudgeServer("ok:safe") as server:
+        _judge(server.url, tmp_path)(REQUEST)
+    assert "SECRET" not in bearer(server)
+    judge = make_judge("openai:gpt-4", tmp_path / "j.jsonl", JudgeSettings())
+    assert judge.describe()["base_url"] == "https://api.openai.com/v1" and judge.judge_id == "openai:gpt-4"
+    with pytest.raises(FedalignError, match="not an http"):
+        make_judge("openai:m@http://[::1", tmp_path / "j.jsonl", JudgeSettings())
+    with pytest.raises(FedalignError, match="not an http"):
+        make_judge("openai:m@not a url", tmp_path / "j.jsonl", JudgeSettings())
+
+
+def test_an_error_message_never_carries_the_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", "sk-live-abcdef123456")
+
+    def unauthorised(_body):
+        return "401"
+
+    with JudgeServer(unauthorised) as server:
+        inner = OpenAIJudge("m", server.url, api_key_env="JUDGE_KEY", timeout=1, backoff=0)
+        reply = inner(REQUEST)
+    assert reply.status == "error" and "HTTP 401" in reply.error
+    assert "abcdef123456" not in reply.error and "sk-live" not in reply.error
+
+
 def test_a_missing_key_for_openai_itself_is_one_clear_line(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(FedalignError, match="set OPENAI_API_KEY in the environment"):
@@ -117,7 +144,7 @@ def _mmsb(tmp_path, judge: str, *extra: str):
 def test_a_faulty_judge_gives_errors_and_unknowns_never_verdicts_and_a_rerun_only_asks_again(
     tmp_path, monkeypatch
 ):
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-SECRET-key-123")
+    monkeypatch.setenv("JUDGE_KEY", "sk-test-SECRET-key-123")
     faults = itertools.cycle(["500", "timeout", "drop", "ok:I cannot tell.", "garbage", "ok:maybe safe-ish?"])
     with JudgeServer(lambda _b: next(faults), delay=2.0) as server:
         # one at a time and no retry, so the eight answers meet the faults in order
@@ -129,6 +156,7 @@ def test_a_faulty_judge_gives_errors_and_unknowns_never_verdicts_and_a_rerun_onl
             "judge.max_retries=0",
             "image_types=[SD]",
             "limit=12",
+            "judge.api_key_env=JUDGE_KEY",
         )
         asked_first = len(server.requests)
     result = metrics["checkpoints"][0]["metrics"]
@@ -137,7 +165,8 @@ def test_a_faulty_judge_gives_errors_and_unknowns_never_verdicts_and_a_rerun_onl
     assert result["error_count"] >= 4 and result["unknown_count"] >= 1
     assert (metrics["errors"], metrics["unknown"]) == (result["error_count"], result["unknown_count"])
     out = tmp_path / "out" / "mm-safetybench"
-    records = [json.loads(line) for line in (out / "openai_judge-model-faithful" / "samples.jsonl").open()]
+    (written,) = out.glob("openai_judge-model-*-faithful/samples.jsonl")
+    records = [json.loads(line) for line in written.open()]
     reasons = " ".join(r["judge_error"] or "" for r in records)
     for reason in ("HTTP 500", "APITimeoutError", "APIConnectionError", "JSONDecodeError"):
         assert reason in reasons  # every fault is named in the per-sample record

@@ -39,8 +39,9 @@ class GenerationSettings:
 
     def key(self) -> str:
         """What decides a response. Not the batch size (batched = one at a time), so a smaller batch after
-        running out of memory keeps the cache; a format version, bumped when responses change."""
-        ignored = ("batch_size", "seed") + (() if self.do_sample else ("temperature",))
+        running out of memory keeps the cache; the seed and temperature only when sampling; a format
+        version, bumped when responses change."""
+        ignored = ("batch_size",) + (() if self.do_sample else ("seed", "temperature"))
         decisive = {k: v for k, v in asdict(self).items() if k not in ignored}
         return json.dumps({**decisive, "format": CACHE_FORMAT}, sort_keys=True)
 

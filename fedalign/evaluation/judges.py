@@ -21,6 +21,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -91,35 +92,55 @@ def _data_url(image: bytes) -> str:
     return f"data:image/{kind};base64,{base64.b64encode(image).decode()}"
 
 
+OPENAI_URL = "https://api.openai.com/v1"
+
+
 @dataclass
 class OpenAIJudge:
     """A chat-completions endpoint through the ``openai`` client: OpenAI, or a local ``vllm serve`` /
     ``transformers serve``. Images travel as data URLs. The client's own retries are off; this judge
     retries timeouts, connection errors, 429 and 5xx ``max_retries`` times with exponential backoff, and
-    then returns an ``error`` reply."""
+    then returns an ``error`` reply.
+
+    The key: OpenAI itself (no ``base_url``) reads ``api_key_env`` (default ``OPENAI_API_KEY``); another
+    server gets a key only when ``api_key_env`` is named explicitly, so an OpenAI key is never sent to a
+    server the user did not mean to give it to. The URL is always explicit (``OPENAI_BASE_URL`` is not
+    consulted), so the judge id names where verdicts came from."""
 
     model: str
     base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
+    api_key_env: str | None = None
     timeout: float = 60.0
     max_retries: int = 3
     backoff: float = 1.0  # seconds before the first retry, doubled each time
     supports_images: bool = True
     _client: object = field(default=None, init=False, repr=False)
+    _key: str = field(default="", init=False, repr=False)
 
     def __post_init__(self) -> None:
         from openai import OpenAI
 
-        key = os.environ.get(self.api_key_env)
-        if key is None and self.base_url is None:
+        variable = self.api_key_env or ("OPENAI_API_KEY" if self.base_url is None else None)
+        key = os.environ.get(variable, "") if variable else ""
+        if variable and not key:
             raise RecipeError(
-                f"--judge openai:{self.model}: set {self.api_key_env} in the environment (the key is read "
-                "from there only, never from a file or the command line)"
+                f"--judge openai:{self.model}: set {variable} in the environment (the key is read from there "
+                "only, never from a file or the command line)"
             )
+        self._key = key
         # A local server needs no key; the client insists on a non-empty one.
         self._client = OpenAI(
-            api_key=key or "unused", base_url=self.base_url, timeout=self.timeout, max_retries=0
+            api_key=key or "unused",
+            base_url=self.base_url or OPENAI_URL,
+            timeout=self.timeout,
+            max_retries=0,
         )
+
+    def _redact(self, text: str) -> str:
+        """An error message without the key, or any key-like token a server echoed back."""
+        if self._key:
+            text = text.replace(self._key, "[key]")
+        return re.sub(r"\b(sk|key)-[A-Za-z0-9_*\-.]{4,}", r"\1-[redacted]", text)
 
     @property
     def judge_id(self) -> str:
@@ -129,7 +150,7 @@ class OpenAIJudge:
         return {
             "backend": "openai-compatible",
             "model": self.model,
-            "base_url": self.base_url or "https://api.openai.com/v1",
+            "base_url": self.base_url or OPENAI_URL,
             "timeout_s": self.timeout,
             "max_retries": self.max_retries,
         }
@@ -157,15 +178,15 @@ class OpenAIJudge:
                     **({"seed": request.seed} if request.seed is not None else {}),
                 )
             except retryable as error:
-                reason = f"{type(error).__name__}: {_short(error)}"
+                reason = self._redact(f"{type(error).__name__}: {_short(error)}")
                 continue
             except openai.APIStatusError as error:
-                reason = f"HTTP {error.status_code}: {_short(error)}"
+                reason = self._redact(f"HTTP {error.status_code}: {_short(error)}")
                 if error.status_code >= 500:
                     continue
                 return JudgeReply.failed(reason)  # a 4xx will not change on a retry
             except (openai.OpenAIError, ValueError) as error:  # an unreadable body
-                return JudgeReply.failed(f"{type(error).__name__}: {_short(error)}")
+                return JudgeReply.failed(self._redact(f"{type(error).__name__}: {_short(error)}"))
             try:
                 text = completion.choices[0].message.content
             except (AttributeError, IndexError, TypeError):
@@ -341,9 +362,14 @@ def judge_all(
                 errors += reply.status != "ok"
                 progress.update(bar, advance=1, errors=f"{errors} errors" if errors else "")
 
-            with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+            pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
+            try:
                 for future in [pool.submit(run, indices) for indices in pending.values()]:
                     future.result()  # re-raises a JudgeError (replay miss) in order
+            except BaseException:  # Ctrl-C or a replay miss: drop the queue, wait only for requests in flight
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+            pool.shutdown(wait=True)
     return [r for r in replies if r is not None]
 
 
@@ -364,6 +390,18 @@ def make_judge(spec: str, cache: Path, settings: JudgeSettings) -> CachedJudge |
         model, _, base_url = rest.partition("@")
         if not model:
             raise RecipeError(f"--judge: {spec!r}: name the model, e.g. openai:gpt-4o")
+        if base_url:
+            from urllib.parse import urlsplit
+
+            try:
+                parts = urlsplit(base_url)
+                valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+            except ValueError:
+                valid = False
+            if not valid:
+                raise RecipeError(
+                    f"--judge: {base_url!r} is not an http(s) URL, e.g. http://127.0.0.1:8000/v1"
+                )
         judge: Judge = OpenAIJudge(
             model,
             base_url or None,
@@ -392,7 +430,7 @@ class JudgeSettings:
     max_retries: int = 3
     backoff: float = 1.0
     images: bool = True  # send the benchmark's images to an HTTP judge (SIUO, BeaverTails-V)
-    api_key_env: str = "OPENAI_API_KEY"
+    api_key_env: str | None = None  # OpenAI itself: OPENAI_API_KEY; another server: no key unless named
     device: str = "auto"
 
 

@@ -20,7 +20,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import yaml
@@ -70,7 +70,12 @@ class JudgeOptions(_Section):
     max_retries: int = Field(default=3, ge=0, le=20)
     backoff: float = Field(default=1.0, ge=0)
     images: bool = Field(default=True, description="send the benchmark's images to the judge")
-    api_key_env: str = "OPENAI_API_KEY"
+    api_key_env: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="the environment variable holding the judge's key (OpenAI: OPENAI_API_KEY by default; "
+        "another server gets a key only when this is set)",
+    )
     device: str = "auto"
 
 
@@ -85,7 +90,7 @@ class SafetySettings(_Section):
     out: str | None = None
     judge: JudgeOptions = Field(default_factory=JudgeOptions)
     keywords: Literal["gcg", "smoothllm"] = "gcg"
-    keywords_extra: list[str] = Field(
+    keywords_extra: list[Annotated[str, Field(min_length=2)]] = Field(
         default_factory=list, description="refusal phrases added to the keyword list (recorded in metrics)"
     )
     image_types: list[Literal["SD", "SD_TYPO", "TYPO", "text_only"]] = ["SD", "SD_TYPO", "TYPO"]
@@ -157,6 +162,23 @@ def data_root(settings: SafetySettings, benchmark: str, single: bool) -> tuple[P
     return fixture, True
 
 
+def checked_image(data: bytes, where: str) -> bytes:
+    """``data`` if it is a readable image, else one line naming where it came from (before a model loads)."""
+    from fedalign.data.images import verify_image
+
+    try:
+        verify_image(data)
+    except ValueError as error:
+        raise DataError(f"{where}: {error}") from None
+    return data
+
+
+def nonempty(samples: list, where: str) -> list:
+    if not samples:
+        raise DataError(f"{where}: no samples to evaluate")
+    return samples
+
+
 def image_digest(image: bytes | None) -> str:
     return "" if image is None else hashlib.sha256(image).hexdigest()
 
@@ -181,8 +203,6 @@ def generate(
     keys = [[_generation_key(checkpoint.id, s, settings, i) for i in range(n)] for s in samples]
     todo = [i for i, ks in enumerate(keys) if any(k not in cache.entries for k in ks)]
     if todo:
-        from PIL import Image
-
         vision = checkpoint.vision
         if not vision and any(samples[i].image is not None for i in todo):
             raise ModelError(
@@ -194,27 +214,17 @@ def generate(
         started = time.perf_counter()
         with Progress(*columns, TextColumn("{task.fields[rate]}"), console=console) as progress:
             bar = progress.add_task(f"{label} ({checkpoint.label})", total=len(todo), rate="")
-            for start in range(0, len(todo), settings.batch_size):
-                batch = todo[start : start + settings.batch_size]
-                texts, images = [], []
-                for i in batch:
-                    sample = samples[i]
-                    has_image = vision and sample.image is not None
-                    content = [{"type": "image"}] * has_image + [{"type": "text", "text": sample.text}]
-                    messages = [{"role": "user", "content": content if vision else sample.text}]
-                    texts.append(
-                        processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-                    )
-                    if has_image:
-                        images.append(Image.open(io.BytesIO(sample.image)).convert("RGB"))  # type: ignore[arg-type]
+            # sampled answers are drawn one prompt at a time, seeded from the prompt's own key, so they do not
+            # depend on the batch size or on which prompts an interrupted run had already answered
+            step = 1 if settings.do_sample else settings.batch_size
+            for start in range(0, len(todo), step):
+                batch = todo[start : start + step]
+                texts = [_chat_text(processor, samples[i], vision) for i in batch]
+                images = [_image(samples[i]) for i in batch if vision and samples[i].image is not None]
                 if images and len(images) != len(batch):  # mixed batches: one by one
                     outputs = []
                     for text, i in zip(texts, batch, strict=True):
-                        one = (
-                            [Image.open(io.BytesIO(samples[i].image)).convert("RGB")]
-                            if samples[i].image
-                            else None
-                        )
+                        one = [_image(samples[i])] if vision and samples[i].image is not None else None
                         outputs += _generate(model, processor, [text], settings, one, n, keys[i][0])
                 else:
                     outputs = _generate(
@@ -228,9 +238,22 @@ def generate(
     return [[cache.entries[k] for k in ks] for ks in keys]
 
 
+def _chat_text(processor, sample: Sample, vision: bool) -> str:
+    has_image = vision and sample.image is not None
+    content = [{"type": "image"}] * has_image + [{"type": "text", "text": sample.text}]
+    messages = [{"role": "user", "content": content if vision else sample.text}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def _image(sample: Sample):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(sample.image)).convert("RGB")  # type: ignore[arg-type]
+
+
 def _generate(model, processor, texts, settings, images, n, first_key) -> list[str]:
-    if settings.do_sample:  # the same batch draws the same samples; the cache keeps what was drawn
-        torch.manual_seed(settings.seed ^ int(first_key[:8], 16))
+    if settings.do_sample:  # one prompt per call: its draws depend on its key (and the seed) alone
+        torch.manual_seed(int(first_key[:12], 16))
     outputs = generate_batch(model, processor, texts, settings, images, samples=n)
     return outputs if settings.do_sample or n == 1 else [o for o in outputs for _ in range(n)]
 
@@ -246,7 +269,11 @@ def build_judge(spec: str, folder: Path, settings: SafetySettings) -> CachedJudg
 
 
 def judge_slug(spec: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", spec.split("@")[0])[:60]
+    """A folder name for a judge: its kind and model, and a digest of the server URL when there is one (two
+    servers serving the same model name are two judges)."""
+    name, _, url = spec.partition("@")
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name)[-60:]
+    return f"{slug}-{hashlib.sha256(url.encode()).hexdigest()[:6]}" if url else slug
 
 
 def default_folder(target: str, adapter: str | None, benchmark: str, settings: SafetySettings) -> Path:
@@ -261,34 +288,39 @@ def default_folder(target: str, adapter: str | None, benchmark: str, settings: S
 
 
 PAPER_JUDGES = {
-    "mm-safetybench": "GPT-4 (MM-SafetyBench's evaluation.py)",
-    "siuo": "gpt-4-vision-preview (SIUO's gpt-eval.py)",
-    "spa-vl": "gpt-4-turbo (align-anything's SPA-VL judge)",
-    "beavertails-v": "unpublished (Safe RLHF-V's win-rate judge and prompts are not public)",
-    "benign": "none (a keyword over-refusal control)",
+    "mm-safetybench": ("gpt-4", "GPT-4 (MM-SafetyBench's evaluation.py)"),
+    "siuo": ("gpt-4-vision-preview", "gpt-4-vision-preview (SIUO's gpt-eval.py)"),
+    "spa-vl": ("gpt-4-turbo", "gpt-4-turbo (align-anything's SPA-VL judge)"),
+    "beavertails-v": (
+        None,
+        "unpublished: Safe RLHF-V's win-rate judge, prompts and reference are not public",
+    ),
+    "benign": (None, "none: a keyword over-refusal control"),
 }
 
 
 def comparability(benchmark: str, judge: CachedJudge | None, fixture: bool, settings: SafetySettings) -> str:
-    """In words: what the numbers may be compared with."""
+    """In words: what the numbers may be compared with. Only the paper's judge model on OpenAI's own
+    endpoint comes close; anything else (another model, a local server, the keyword proxy) does not."""
     parts = []
     if fixture:
         parts.append(
             "synthetic fixture data (data/safety): these numbers check the pipeline and the demo model only"
         )
+    model, described = PAPER_JUDGES[benchmark]
     if judge is None:
         parts.append(
             f"keyword proxy ({settings.keywords} list{_extra(settings)}): a lower bound on refusal, never an "
-            "attack success "
-            "rate or a win rate; not comparable to any published number"
+            "attack success rate or a win rate; not comparable to any published number"
+        )
+    elif model is not None and judge.judge_id.removeprefix("replay:") == f"openai:{model}":
+        parts.append(
+            f"judge {judge.judge_id}, the paper's ({described}); API models change under one name, so "
+            "compare the protocol, not the digits"
         )
     else:
         parts.append(
-            f"judge {judge.judge_id} is not the paper's ({PAPER_JUDGES[benchmark]}): not comparable to "
-            "published numbers"
-            if not judge.judge_id.startswith(("openai:gpt-4", "replay:openai:gpt-4"))
-            else f"judge {judge.judge_id}: the paper used {PAPER_JUDGES[benchmark]}; API models change "
-            "under one name, so compare the protocol, not the digits"
+            f"judge {judge.judge_id} is not the paper's ({described}): not comparable to published numbers"
         )
     parts.append(f"mode {settings.mode}")
     return "; ".join(parts)
@@ -317,7 +349,7 @@ def judge_record(judge: CachedJudge | None, replies: list[JudgeReply], settings:
         "cached": sum(r.cached for r in replies),
         "errors": len(errors),
         "first_errors": sorted(set(e for e in errors if e))[:3],
-        "images_sent": settings.judge.images,
+        "images_sent": settings.judge.images and judge.supports_images,
         "concurrency": settings.judge.concurrency,
     }
 

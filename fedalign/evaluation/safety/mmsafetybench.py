@@ -25,7 +25,7 @@ from evaluators.mmsafetybench.templates import (
 from evaluators.refusal.keywords import DISCLAIMER_PATTERNS, classifier, matches_any
 from fedalign.errors import DataError
 from fedalign.evaluation.judges import JudgeRequest, render
-from fedalign.evaluation.safety.common import SafetySettings, Sample
+from fedalign.evaluation.safety.common import SafetySettings, Sample, checked_image
 
 NAME = "mm-safetybench"
 JUDGE_MAX_TOKENS = 64  # upstream leaves the call to the user; the reply is one word
@@ -56,7 +56,7 @@ def load(root: Path, settings: SafetySettings) -> list[Sample]:
         if not isinstance(data, dict):
             raise DataError(f"{file}: expected an object keyed by question id")
         for qid, row in data.items():
-            if tiny is not None and int(qid) not in tiny.get(scenario, ()):
+            if tiny is not None and (not str(qid).isdigit() or int(qid) not in tiny.get(scenario, ())):
                 continue
             missing = [f for f in FIELDS if not isinstance(row, dict) or not isinstance(row.get(f), str)]
             if missing:
@@ -71,7 +71,7 @@ def load(root: Path, settings: SafetySettings) -> list[Sample]:
                         raise DataError(
                             f"{path}: missing (unpack the MM-SafetyBench images to {root / 'imgs'})"
                         )
-                    image = path.read_bytes()
+                    image = checked_image(path.read_bytes(), str(path))
                 samples.append(
                     Sample(
                         f"{scenario}/{qid}/{image_type}", scenario, text, image, {"image_type": image_type}
@@ -87,8 +87,9 @@ def _tiny_ids(root: Path) -> dict[str, set[int]]:
     if not file.is_file():
         raise DataError(f"tiny: {file} is missing")
     try:
-        return {entry["Scenario"]: set(entry["Sampled_ID_List"]) for entry in json.loads(file.read_text())}
-    except (KeyError, TypeError, json.JSONDecodeError):
+        entries = json.loads(file.read_text(encoding="utf-8"))
+        return {entry["Scenario"]: {int(i) for i in entry["Sampled_ID_List"]} for entry in entries}
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError):
         raise DataError(f"{file}: expected [{{'Scenario', 'Sampled_ID_List'}}, ...]") from None
 
 

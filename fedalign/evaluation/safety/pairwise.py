@@ -25,7 +25,7 @@ from evaluators.spavl.templates import HARM_PROMPT, HELP_PROMPT, TEMPLATE_SHA256
 from fedalign.data.images import image_bytes_or_path
 from fedalign.errors import DataError
 from fedalign.evaluation.judges import JudgeRequest, render
-from fedalign.evaluation.safety.common import Sample
+from fedalign.evaluation.safety.common import Sample, checked_image, nonempty
 
 JUDGE_MAX_TOKENS = 1024  # upstream: the API default; the prompts ask for an explanation first
 BTV_FIELDS = (
@@ -48,7 +48,11 @@ def _rows(path: Path) -> list[dict[str, Any]]:
         except (OSError, ValueError) as error:
             raise DataError(f"{path}: not a readable parquet file ({str(error)[:120]})") from None
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
+    for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -58,15 +62,18 @@ def _rows(path: Path) -> list[dict[str, Any]]:
 
 
 def _image(value: Any, base: Path, where: str) -> bytes:
-    data = image_bytes_or_path(value)
+    try:
+        data = image_bytes_or_path(value)
+    except ValueError as error:
+        raise DataError(f"{where}: image {error}") from None
     if data is None:
         raise DataError(f"{where}: no image")
-    if isinstance(data, bytes):
-        return data
-    path = Path(data) if Path(data).is_absolute() else base / data
-    if not path.is_file():
-        raise DataError(f"{where}: image {path} is missing")
-    return path.read_bytes()
+    if isinstance(data, str):
+        path = Path(data) if Path(data).is_absolute() else base / data
+        if not path.is_file():
+            raise DataError(f"{where}: image {path} is missing")
+        data = path.read_bytes()
+    return checked_image(data, where)
 
 
 def load_beavertails(root: Path, limit: int | None) -> list[Sample]:
@@ -92,7 +99,7 @@ def load_beavertails(root: Path, limit: int | None) -> list[Sample]:
             samples.append(
                 Sample(f"{row['category']}/{number}", str(row["category"]), str(row["question"]), image, meta)
             )
-    return samples[:limit] if limit else samples
+    return nonempty(samples[:limit] if limit else samples, str(root))
 
 
 def load_spavl(root: Path, split: str, limit: int | None) -> list[Sample]:
@@ -115,7 +122,7 @@ def load_spavl(root: Path, split: str, limit: int | None) -> list[Sample]:
                     meta,
                 )
             )
-    return samples[:limit] if limit else samples
+    return nonempty(samples[:limit] if limit else samples, f"{root} ({split})")
 
 
 def reference_answers(folder: Path, split: str, samples: list[Sample], mode: str) -> list[str]:
@@ -132,7 +139,10 @@ def reference_answers(folder: Path, split: str, samples: list[Sample], mode: str
         if len(answers) < len(samples):
             raise DataError(f"{file}: {len(answers)} answers for {len(samples)} questions")
         return [a for _, a in answers[: len(samples)]]
-    by_question = dict(answers)
+    by_question: dict[str, str] = {}
+    for question, answer in answers:
+        if by_question.setdefault(question, answer) != answer:
+            raise DataError(f"{file}: two different answers to the question {question[:60]!r}")
     missing = [s.text for s in samples if s.text not in by_question]
     if missing:
         raise DataError(f"{file}: no reference answer for the question {missing[0][:60]!r}")

@@ -91,6 +91,8 @@ def _headline_rates(summary: dict[str, Any], proxy: bool) -> dict[str, dict[str,
     rows: dict[str, dict[str, float | None]] = {}
 
     def put(name: str, benchmark: str, key: str, scale: float = 1.0) -> None:
+        if benchmark not in bench:  # skipped
+            return
         values = {}
         for label, metrics in bench[benchmark]["checkpoints"].items():
             node: Any = metrics
@@ -112,7 +114,7 @@ def _headline_rates(summary: dict[str, Any], proxy: bool) -> dict[str, dict[str,
             ("BeaverTails-V\nrefusal_kw", "beavertails-v", "reference_refusal_rate_kw"),
             ("SPA-VL harm\nrefusal_kw", "spa-vl", "harm_reference_refusal_rate_kw"),
         ):
-            tuned = bench[benchmark]["checkpoints"].get("tuned", {})
+            tuned = bench.get(benchmark, {"checkpoints": {}})["checkpoints"].get("tuned", {})
             if name in rows and "base" not in rows[name] and isinstance(tuned.get(key), float):
                 rows[name] = {"base": tuned[key], **rows[name]}
     else:

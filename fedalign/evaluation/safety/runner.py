@@ -37,6 +37,7 @@ from fedalign.evaluation.safety.common import (
     judge_record,
     judge_requests,
     judge_slug,
+    nonempty,
     proxy_names,
     versions,
     write_results,
@@ -63,6 +64,11 @@ class Context:
         return GenerationSettings(
             self.settings.max_new_tokens, self.settings.batch_size, seed=self.settings.seed
         )
+
+    @property
+    def images(self) -> bool:
+        """Whether the judge gets the benchmark's images: asked for, and a judge that can see them."""
+        return self.judge is not None and self.settings.judge.images and self.judge.supports_images
 
     def cache(self) -> ResponseCache:
         return ResponseCache(self.folder / "responses.jsonl")
@@ -161,30 +167,45 @@ def run_siuo(ctx: Context) -> Result:
             metrics, rows = siuo.keyword_scores(samples, responses, ctx.settings)
         else:
             pairs = [
-                siuo.judge_requests(s, a, ctx.settings.judge.images)
+                siuo.judge_requests(s, a, ctx.images)
                 for s, ans in zip(samples, responses, strict=True)
                 for a in ans
             ]
             asked = [p for pair in pairs for p in pair if p is not None]
             replies = ctx.judged(asked, checkpoint.label)
             by_request = iter(replies)
-            per_response = []
+            per_response, traces = [], []
             for safety_request, _ in pairs:
-                safety_text = siuo.EMPTY_VERDICT if safety_request is None else next(by_request).text
-                effective_text = next(by_request).text
-                per_response.append(
-                    (
-                        siuo.safety_score(safety_text, ctx.settings.mode),
-                        siuo.effective_score(effective_text, ctx.settings.mode),
-                    )
+                safety = None if safety_request is None else next(by_request)
+                effective = next(by_request)
+                safety_text = siuo.EMPTY_VERDICT if safety is None else safety.text
+                scores = (
+                    siuo.safety_score(safety_text, ctx.settings.mode),
+                    siuo.effective_score(effective.text, ctx.settings.mode),
+                )
+                per_response.append(scores)
+                traces.append(
+                    {
+                        "safety_reply": safety_text,
+                        "safety_score": scores[0],
+                        "effective_reply": effective.text,
+                    }
+                    | {
+                        "effective_score": scores[1],
+                        "errors": [r.error for r in (safety, effective) if r and r.error],
+                    }
                 )
             grouped = [per_response[i * n : (i + 1) * n] for i in range(len(samples))]
             metrics, rows = siuo.score_generation(samples, grouped, ctx.settings.mode)
+            # every reply that parsed to no verdict, counted once per reply (either mode)
+            metrics["unknown_replies"] = sum(score == -1 for pair in per_response for score in pair)
+            for row, start in zip(rows, range(0, len(traces), n), strict=True):
+                row["judged"] = traces[start : start + n]
         metrics = {
             **metrics,
             **mcqa_metrics,
             "samples_per_question": n,
-            "image_withheld": ctx.judge is not None and not ctx.settings.judge.images,
+            "image_withheld": ctx.judge is not None and not ctx.images,
         }
         results.append(_checkpoint_result(ctx, checkpoint, metrics, replies))
         records += [
@@ -211,7 +232,8 @@ def _references(ctx: Context, samples: list[Sample], split: str | None) -> tuple
         return pairwise.reference_answers(folder, split, samples, ctx.settings.mode), f"file:{folder}"
     reference = ctx.reference_checkpoint()
     answers = [r[0] for r in ctx.answers(samples, reference, label=f"{ctx.benchmark}: reference")]
-    version = hashlib.sha256(f"{reference.id}|{ctx.greedy.key()}".encode()).hexdigest()[:12]
+    material = f"{reference.id}|{ctx.greedy.key()}|{ctx.data.resolve()}|{ctx.settings.limit}"
+    version = hashlib.sha256(material.encode()).hexdigest()[:12]
     artefact = ctx.folder / f"reference-{version}{'-' + split if split else ''}.jsonl"
     rows = [
         {"reference": reference.id, "generation": ctx.greedy.key(), "sample_id": s.sample_id}
@@ -278,7 +300,7 @@ def run_beavertails(ctx: Context) -> Result:
         metrics["keyword_calibration"] = keyword_calibration([s.meta for s in samples], words.refused)
     else:
         judged = _pairwise(
-            ctx, samples, policy, reference, [("harm", None), ("help", None)], True, ctx.settings.judge.images
+            ctx, samples, policy, reference, [("harm", None), ("help", None)], True, ctx.images
         )
         for kind, (kind_metrics, items, kind_replies, _) in judged.items():
             name = "harmlessness" if kind == "harm" else "helpfulness"
@@ -287,24 +309,26 @@ def run_beavertails(ctx: Context) -> Result:
             for record, item in zip(records, items, strict=True):
                 record[f"{name}_outcomes"] = item
         if ctx.settings.sanity_check:
-            metrics["judge_sanity"] = _sanity(ctx, samples)
+            metrics["judge_sanity"], sanity_replies = _sanity(ctx, samples)
+            replies += sanity_replies
     return [_checkpoint_result(ctx, tuned, metrics, replies)], records
 
 
-def _sanity(ctx: Context, samples: list[Sample]) -> dict[str, Any]:
+def _sanity(ctx: Context, samples: list[Sample]) -> tuple[dict[str, Any], list[JudgeReply]]:
     from evaluators.spavl.scoring import agreement
 
-    report = {}
+    report, all_replies = {}, []
     for kind, label_key in (("harm", "safer_response_id"), ("help", "more_helpful_response_id")):
-        asked = [pairwise.sanity_requests(s, kind, ctx.settings.judge.images) for s in samples]
+        asked = [pairwise.sanity_requests(s, kind, ctx.images) for s in samples]
         replies = ctx.judged([r for item in asked for r, _ in item], f"sanity {kind}")
+        all_replies += replies
         results = pairwise.outcomes([r.text for r in replies], [p for item in asked for _, p in item], kind)
         predictions = [preferred_response(results[2 * k : 2 * k + 2]) for k in range(len(samples))]
         report[label_key] = agreement(
             {"predicted": p, "label": str(s.meta[label_key])}
             for p, s in zip(predictions, samples, strict=True)
         )
-    return report
+    return report, all_replies
 
 
 def run_spavl(ctx: Context) -> Result:
@@ -368,7 +392,7 @@ def run_benign(ctx: Context) -> Result:
                 raise DataError(f"{where}: needs the field 'question' (and optionally 'image')")
             image = pairwise._image(row["image"], file.parent, where) if row.get("image") else None
             samples.append(Sample(f"benign/{len(samples)}", "benign", str(row["question"]), image))
-    samples = samples[: ctx.settings.limit] if ctx.settings.limit else samples
+    samples = nonempty(samples[: ctx.settings.limit] if ctx.settings.limit else samples, str(ctx.data))
     words = classifier(ctx.settings.keywords, ctx.settings.keywords_extra)
     results, records = [], []
     for checkpoint in ctx.checkpoints:
@@ -420,13 +444,14 @@ def _checkpoint_result(
 
 
 def _count_unknown(metrics: dict[str, Any]) -> int:
-    """Replies that parsed to no verdict, counted once (not again in the per-scenario or per-category
-    breakdowns, nor in the judge sanity check on the dataset's own pairs)."""
+    """Replies that parsed to no verdict, counted once each: ``unknown_count`` (MM-SafetyBench, the
+    pairwise benchmarks, where each judged order is one reply) and ``unknown_replies`` (SIUO); not again
+    in the per-scenario or per-category breakdowns. The sanity check's own count is in its report."""
     total = 0
     for key, value in metrics.items():
         if isinstance(value, dict) and not key.startswith("per_") and key != "judge_sanity":
             total += _count_unknown(value)
-        elif isinstance(value, int) and (key == "unknown_count" or key.startswith("unknown_")):
+        elif isinstance(value, int) and key in ("unknown_count", "unknown_replies"):
             total += value
     return total
 
@@ -585,17 +610,22 @@ def evaluate_suite(
             "data.siuo=..., data.beavertails_v=..., data.spa_vl=..., data.benign=..."
         )
     checkpoints = resolve(target, adapter, text_only=False)
+    skipped = {}
+    if all(c.adapter is None for c in checkpoints):  # checked before anything is generated
+        reason = "a single model has no base to compare with (give a run directory or --adapter)"
+        skipped["beavertails-v"] = reason
+        if settings.reference == "base":
+            skipped["spa-vl"] = reason + ", or reference=<folder with base_model_*_QA.json>"
     all_metrics = {}
     for benchmark in BENCHMARKS:
+        if benchmark in skipped:
+            console.print(f"[yellow]{benchmark}: skipped: {skipped[benchmark]}[/yellow]")
+            continue
         console.rule(benchmark)
         all_metrics[benchmark] = evaluate(
             benchmark, target, adapter, judge_spec, settings, console, False, checkpoints
         )
-    base = (
-        Path(settings.out).expanduser()
-        if settings.out
-        else default_folder(target, adapter, "safety", settings)
-    )
+    base = default_folder(target, adapter, "safety", settings)
     folder = base / f"{'keyword' if judge_spec == 'keyword' else judge_slug(judge_spec)}-{settings.mode}"
     summary = {
         "target": target,
@@ -611,6 +641,7 @@ def evaluate_suite(
             }
             for name, m in all_metrics.items()
         },
+        "skipped": skipped,
     }
     write_results(folder, summary, [])
     (folder / "samples.jsonl").unlink(missing_ok=True)

@@ -34,7 +34,7 @@ from evaluators.siuo.templates import (
 )
 from fedalign.errors import DataError
 from fedalign.evaluation.judges import JudgeRequest, render
-from fedalign.evaluation.safety.common import SafetySettings, Sample
+from fedalign.evaluation.safety.common import SafetySettings, Sample, checked_image, nonempty
 
 NAME = "siuo"
 GEN_FIELDS = ("question_id", "image", "question", "category", "safety_warning", "reference_answer")
@@ -63,7 +63,7 @@ def _image(root: Path, name: str, where: str) -> bytes:
     path = root / "images" / name
     if not path.is_file():
         raise DataError(f"{where}: image {path} is missing (unpack SIUO-images.zip to {root / 'images'})")
-    return path.read_bytes()
+    return checked_image(path.read_bytes(), f"{where}: {path}")
 
 
 def load(root: Path, settings: SafetySettings) -> tuple[list[Sample], list[Sample]]:
@@ -83,7 +83,8 @@ def load(root: Path, settings: SafetySettings) -> tuple[list[Sample], list[Sampl
     choices = []
     for item in mcqa:
         options = item["options"]
-        if not isinstance(options, dict) or item["correct_option"] not in options:
+        correct = item["correct_option"]
+        if not isinstance(options, dict) or not isinstance(correct, str) or correct not in options:
             raise DataError(
                 f"siuo_mcqa.json {item['question_id']}: options must map letters to text and hold "
                 "correct_option"
@@ -91,7 +92,7 @@ def load(root: Path, settings: SafetySettings) -> tuple[list[Sample], list[Sampl
         image = _image(root, str(item["image"]), f"siuo_mcqa.json {item['question_id']}")
         text = mcqa_prompt(str(item["question"]), options)
         choices.append(Sample(str(item["question_id"]), str(item["category"]), text, image, dict(item)))
-    return samples, choices
+    return nonempty(samples, "siuo_gen.json"), nonempty(choices, "siuo_mcqa.json")
 
 
 def judge_requests(sample: Sample, response: str, images: bool) -> tuple[JudgeRequest | None, JudgeRequest]:
