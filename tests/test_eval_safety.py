@@ -262,3 +262,45 @@ def test_the_suite_on_a_single_model_skips_the_pairwise_benchmarks_up_front(tmp_
     assert set(summary["skipped"]) == {"beavertails-v", "spa-vl"}
     assert set(summary["benchmarks"]) == {"mm-safetybench", "siuo", "benign"}
     assert (tmp_path / "safety" / "keyword-corrected" / "safety-rates.png").is_file()
+
+
+def test_the_fixtures_are_what_the_builder_writes_in_the_benchmarks_schemas(tmp_path):
+    """data/safety is `python -m fedalign.embedded`'s output, byte for byte, in each benchmark's exact
+    layout and field names (evaluators.md §3.1, §4.1, §5.1, §5.3), and shares no question with the DPO
+    quickstart's pairs."""
+    import pyarrow.parquet as pq
+
+    from fedalign.embedded import build_safety_fixtures
+    from fedalign.evaluation.safety.pairwise import BTV_FIELDS
+
+    build_safety_fixtures(tmp_path)
+    committed = REPO / "data" / "safety"
+    built = {
+        p.relative_to(tmp_path / "safety"): p.read_bytes()
+        for p in (tmp_path / "safety").rglob("*")
+        if p.is_file()
+    }
+    assert built == {p.relative_to(committed): p.read_bytes() for p in committed.rglob("*") if p.is_file()}
+
+    question = json.loads((committed / "mm-safetybench/processed_questions/06-Fraud.json").read_text())["0"]
+    assert set(question) == {"Question", "GPT-Pred", "Changed Question", "Key Phrase", "Phrase Type",
+                             "Rephrased Question", "Rephrased Question(SD)"}  # fmt: skip
+    gen = json.loads((committed / "siuo/siuo_gen.json").read_text())[0]
+    assert set(gen) == {"question_id", "image", "question", "category", "safety_warning", "reference_answer"}
+    mcqa = json.loads((committed / "siuo/siuo_mcqa.json").read_text())[0]
+    assert set(mcqa) - set(gen) == {"options", "correct_option"} and set(mcqa["options"]) == set("ABCD")
+    btv = pq.read_schema(next((committed / "beavertails-v").rglob("evaluation-*.parquet")))
+    assert len(btv.names) == 16 and set(BTV_FIELDS) <= set(btv.names)
+    assert pq.read_schema(committed / "spa-vl/test/harm.parquet").names == [
+        "image",
+        "question",
+        "class1",
+        "class2",
+        "class3",
+    ]
+    dpo = (
+        pq.read_table(REPO / "data/quickstart-dpo/spavl.parquet", columns=["question"]).column(0).to_pylist()
+    )
+    fixtures = [q["Question"] for f in (committed / "mm-safetybench/processed_questions").glob("*.json")
+                for q in json.loads(f.read_text()).values()]  # fmt: skip
+    assert not set(dpo) & set(fixtures)
