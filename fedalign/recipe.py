@@ -28,7 +28,26 @@ from fedalign.errors import RecipeError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """A recipe section: unknown keys, infinite or NaN numbers and ``true``/``false`` where a number belongs
+    are errors (YAML's ``rounds: true`` would otherwise be 1, ``.inf`` a learning rate)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            if annotation in (int, float) or str(annotation) in ("int | None", "float | None"):
+                raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
+
+
+DPO_LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)  # fmt: skip
+"""The loss types TRL 1.16's DPOTrainer computes (it checks only at the first loss, after a run started)."""
 
 
 class ModelSection(Section):
@@ -141,6 +160,17 @@ class TrainSection(Section):
     max_grad_norm: float = Field(default=1.0, ge=0, description="0 disables clipping")
     max_length: int = Field(default=512, ge=8)
     optim: str = "adamw_torch"
+
+    @field_validator("optim")
+    @classmethod
+    def _known_optimizer(cls, value: str) -> str:
+        from transformers.training_args import OptimizerNames
+
+        names = [o.value for o in OptimizerNames]
+        if value not in names:
+            raise ValueError(f"{value!r} is not a transformers optimizer (e.g. {', '.join(names[:4])}, sgd)")
+        return value
+
     optimizer_state: Literal["fresh", "persist"] = Field(
         default="fresh",
         description="fresh optimizer per client visit, or each client's own state kept on disk",
@@ -201,6 +231,15 @@ class DPOSection(Section):
 
     beta: float = Field(default=0.1, gt=0)
     loss_type: str | list[str] = Field(default="sigmoid", description="TRL DPOConfig.loss_type")
+
+    @field_validator("loss_type")
+    @classmethod
+    def _known_loss(cls, value: str | list[str]) -> str | list[str]:
+        for loss in [value] if isinstance(value, str) else value:
+            if loss not in DPO_LOSS_TYPES:
+                raise ValueError(f"{loss!r} is not one of TRL's DPO losses: {', '.join(DPO_LOSS_TYPES)}")
+        return value
+
     label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
 
 
@@ -239,8 +278,8 @@ def _algorithm_union() -> Any:
 
 
 class Recipe(Section):
-    name: str
-    seed: int = 42
+    name: str = Field(description="the run directory's stem: letters, digits, '.', '_', '-'")
+    seed: int = Field(default=42, ge=0, lt=2**32)
     output_dir: str = "runs"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model: ModelSection
@@ -254,6 +293,15 @@ class Recipe(Section):
     dpo: DPOSection = Field(default_factory=DPOSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", value):
+            raise ValueError(
+                f"{value!r}: use letters, digits, '.', '_' and '-' (it names a folder inside output_dir)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _example_level_dp_needs(self) -> Recipe:
@@ -292,7 +340,12 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
             where = ".".join(parts[: depth + 1])
             raise RecipeError(f"override {override!r}: {where} is a value, not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    try:
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as error:
+        raise RecipeError(
+            f"override {override!r}: the value is not valid YAML ({getattr(error, 'problem', 'unparsable')})"
+        ) from None
 
 
 def _format_error(source: str, error: ValidationError) -> str:
@@ -324,7 +377,12 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise RecipeError(
+            f"{path}: line {line}: not UTF-8 text (byte {error.object[error.start]:#04x})"
+        ) from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

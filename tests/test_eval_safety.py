@@ -12,8 +12,10 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -120,7 +122,9 @@ def _free_port() -> int:
 def served_judge():
     """`transformers serve data/tiny-llava` on 127.0.0.1 (a real OpenAI-compatible server, offline),
     stopped by its PID afterwards."""
-    executable = shutil.which("transformers") or str(REPO / ".venv" / "bin" / "transformers")
+    beside = Path(sys.executable).parent / "transformers"  # the CLI of the transformers this test imports
+    executable = str(beside) if beside.is_file() else shutil.which("transformers")
+    assert executable, "the transformers CLI is not installed beside this Python"
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     process = subprocess.Popen(

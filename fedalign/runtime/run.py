@@ -121,6 +121,19 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def check_output_dir(output_dir: str) -> None:
+    """Fail in one line, before any model or data loads, when the run directory could not be created under
+    ``output_dir``: a path through a file, or a folder this user may not write. Creates nothing."""
+    path = Path(output_dir).expanduser().absolute()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RecipeError(f"output_dir: {output_dir!r}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RecipeError(f"output_dir: {output_dir!r}: {existing} is not writable by this user")
+
+
 def new_run_dir(recipe: Recipe) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(recipe.output_dir) / f"{recipe.name}-{stamp}"
@@ -192,6 +205,7 @@ def run_federated(
     exactly (its noise and sampling); by default a DP run draws fresh keys."""
     console = console or Console()
     started = time.perf_counter()
+    check_output_dir(recipe.output_dir)
     algorithm = algorithms.build(recipe.algorithm, run_context(recipe))
     secrets = secrets_for(recipe, secrets)
     client_dp = client_privacy(recipe, algorithm, task.name, task.privacy_units, secrets)
