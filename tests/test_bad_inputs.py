@@ -28,6 +28,37 @@ def _file_in_the_way(tmp: Path) -> str:
     return f"output_dir={tmp / 'a-file' / 'runs'}"
 
 
+def _model_copy(tmp: Path, damage) -> str:
+    import shutil
+
+    folder = tmp / "model"
+    shutil.copytree(REPO / "data" / "tiny-llama", folder)
+    damage(folder)
+    return f"model.name_or_path={folder}"
+
+
+def _truncate(name: str, keep: int):
+    return lambda folder: (folder / name).write_bytes((folder / name).read_bytes()[:keep])
+
+
+def _data_with_a_latin1_row(tmp: Path, suffix: str) -> str:
+    rows = (REPO / "data" / "quickstart" / "dolly.jsonl").read_bytes().splitlines()[:30]
+    bad = '{"instruction": "caf\xe9?", "context": "", "response": "Yes.", "category": "open_qa"}'.encode(
+        "latin-1"
+    )
+    path = tmp / f"rows{suffix}"
+    if suffix == ".jsonl":
+        path.write_bytes(b"\n".join([*rows, bad]) + b"\n")
+    else:
+        path.write_bytes(b"[" + b",\n".join([*rows, bad]) + b"]")
+    return f"data.path={path}"
+
+
+def _bad_template(tmp: Path) -> str:
+    (tmp / "t.jinja").write_text("{% for m in messages %}{{ m.content }\n")
+    return f"model.chat_template={tmp / 't.jinja'}"
+
+
 CASES = [
     # (id, command, recipe, overrides, what the line must name)
     ("recipe not UTF-8", "sft", _non_utf8_recipe, [], "not UTF-8"),
@@ -53,7 +84,20 @@ CASES = [
         "clients_per_round",
     ),
     ("output_dir through a file", "sft", QUICKSTART, [_file_in_the_way], "is a file, not a folder"),
-]
+    ("data row not UTF-8 (JSONL)", "sft", QUICKSTART, [lambda t: _data_with_a_latin1_row(t, ".jsonl")],
+     "rows.jsonl:31: not UTF-8"),
+    ("data not UTF-8 (JSON)", "sft", QUICKSTART, [lambda t: _data_with_a_latin1_row(t, ".json")],
+     "rows.json:31: not UTF-8"),
+    ("truncated weights", "sft", QUICKSTART,
+     [lambda t: _model_copy(t, _truncate("model.safetensors", 100_000))], "model.safetensors: truncated"),
+    ("damaged safetensors header", "sft", QUICKSTART,
+     [lambda t: _model_copy(t, _truncate("model.safetensors", 5))], "not a readable safetensors file"),
+    ("missing weights", "sft", QUICKSTART,
+     [lambda t: _model_copy(t, lambda f: (f / "model.safetensors").unlink())], "has no weights"),
+    ("truncated tokenizer", "sft", QUICKSTART, [lambda t: _model_copy(t, _truncate("tokenizer.json", 5000))],
+     "tokenizer.json: not valid JSON"),
+    ("chat template syntax error", "sft", QUICKSTART, [_bad_template], "t.jinja: line 1"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -64,7 +108,7 @@ def test_bad_input_is_one_line_and_writes_nothing(command, recipe, overrides, na
     overrides = [o(tmp_path) if callable(o) else o for o in overrides]
     if not any(o.startswith("output_dir=") for o in overrides):
         overrides.append(f"output_dir={tmp_path / 'runs'}")
-    before = sorted(tmp_path.rglob("*"))
+    before = sorted(tmp_path.rglob("*"))  # what the case set up (a damaged model, a data file)
     result = CliRunner().invoke(app, [command, recipe, *overrides], env={"COLUMNS": "300"})
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]

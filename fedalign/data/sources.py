@@ -132,11 +132,18 @@ def row_to_example(
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:  # bytes, so that a line that is not UTF-8 is named by its number
+        for number, raw in enumerate(handle, start=1):
+            origin = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(
+                    f"{origin}: not UTF-8 text (byte {raw[error.start]:#04x}, "
+                    f"the line's byte {error.start + 1})"
+                ) from None
             if not line.strip():
                 continue
-            origin = f"{path}:{number}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
@@ -147,8 +154,14 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
+    raw = path.read_bytes()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[error.start]:#04x})") from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as error:
         raise DataError(
             f"{path}:{error.lineno}: not valid JSON ({error.msg} at column {error.colno})"

@@ -38,6 +38,7 @@ def check_model_reachable(section: ModelSection) -> None:
                 f"model.name_or_path: {path!r} is not a model folder (no config.json there); "
                 "point it at a folder written by save_pretrained or at a hub id"
             )
+        check_model_files(folder, path)
         return
     reason = hub_unreachable_reason(path, "model", section.revision)
     if reason is not None:
@@ -47,6 +48,44 @@ def check_model_reachable(section: ModelSection) -> None:
             f"Download it elsewhere (huggingface-cli download {path} --local-dir {local}), copy it here "
             f"and set model.name_or_path={local}"
         )
+
+
+def check_model_files(folder: Path, shown: str) -> None:
+    """The folder's weights and tokenizer are whole: a weight file exists (single or sharded), every
+    safetensors header reads and its tensors fit in the file, and the JSON configs parse. Reads headers
+    only (milliseconds, whatever the model's size), so a truncated copy fails in one line before loading."""
+    import json
+    import struct
+
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards and not any(
+        (folder / n).is_file() for n in ("pytorch_model.bin", "model.safetensors.index.json")
+    ):
+        raise ModelError(
+            f"model.name_or_path: {shown!r} has no weights (no *.safetensors or pytorch_model.bin)"
+        )
+    for shard in shards:
+        size = shard.stat().st_size
+        try:
+            with shard.open("rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(8))
+                if 8 + length > size:
+                    raise ValueError("header longer than the file")
+                header = json.loads(handle.read(length))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError):
+            raise ModelError(f"{shard}: not a readable safetensors file (truncated or damaged)") from None
+        if 8 + length + end > size:
+            raise ModelError(f"{shard}: truncated ({size} bytes, its header promises {8 + length + end})")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors.index.json"):
+        file = folder / name
+        if file.is_file():
+            try:
+                json.loads(file.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as error:
+                raise ModelError(
+                    f"{file}: not valid JSON ({str(error)[:80]}); the copy may be truncated"
+                ) from None
 
 
 @dataclass

@@ -61,8 +61,25 @@ def resolve_chat_template(choice: str | None, existing: str | None) -> str:
         return BUILTIN[choice]
     path = Path(choice)
     if path.is_file():
-        return path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ModelError(f"model.chat_template: {choice}: not UTF-8 text") from None
+        check_template_compiles(text, choice)
+        return text
     raise ModelError(
         f"model.chat_template: {choice!r} is neither a built-in template ({', '.join(BUILTIN)}) "
         "nor a readable .jinja file"
     )
+
+
+def check_template_compiles(text: str, where: str) -> None:
+    """Compile the template as transformers will (its sandbox and ``{% generation %}`` tag), so a syntax
+    error is one line naming the file and line, not a traceback at the first batch."""
+    from jinja2 import TemplateSyntaxError
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(text)
+    except TemplateSyntaxError as error:
+        raise ModelError(f"model.chat_template: {where}: line {error.lineno}: {error.message}") from None
