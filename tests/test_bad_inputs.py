@@ -116,3 +116,29 @@ def test_bad_input_is_one_line_and_writes_nothing(command, recipe, overrides, na
     assert names in lines[0], lines[0]
     assert "Traceback" not in result.output
     assert sorted(tmp_path.rglob("*")) == before  # nothing new behind
+
+
+def _adapter_for(model_dir: Path, folder: Path) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(folder)
+    return folder
+
+
+def test_a_dpo_start_adapter_trained_for_another_base_is_refused(tmp_path):
+    """PEFT merges an adapter of another model silently (no tensor matches); the run must refuse it."""
+    adapter = _adapter_for(REPO / "data" / "tiny-llama", tmp_path / "llama-adapter")
+    result = CliRunner().invoke(
+        app,
+        ["dpo", DPO, f"model.adapter={adapter}", f"output_dir={tmp_path / 'runs'}"],
+        env={"COLUMNS": "300"},
+    )
+    assert result.exit_code == 2, result.output
+    # (in-process, the library's own loading bar shows; `fedalign` itself turns it off)
+    lines = [line for line in result.output.splitlines() if line.strip() and "Loading weights" not in line]
+    assert len(lines) == 1 and "model.adapter" in lines[0] and "trained for another model" in lines[0], lines
+    assert not (tmp_path / "runs").exists()

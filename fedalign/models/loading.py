@@ -165,11 +165,57 @@ def merge_adapter(base, adapter: str):
             f"model.adapter: {adapter!r} is not a PEFT adapter folder (no adapter_config.json there); "
             "point it at a run's adapter/ folder"
         )
+    check_adapter_fits(base, folder, "model.adapter")
     try:
         return PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
     except (ValueError, RuntimeError, KeyError) as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-        raise ModelError(f"model.adapter: {adapter!r} does not fit model.name_or_path ({first})") from None
+        raise ModelError(
+            f"model.adapter: {adapter!r} does not fit model.name_or_path ({peft_detail(error)})"
+        ) from None
+
+
+def peft_detail(error: BaseException) -> str:
+    """The informative line of a PEFT/torch loading error (a size mismatch names the tensor and both
+    shapes; the first line of torch's message only says that loading failed)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    useful = [line for line in lines if "size mismatch" in line or "Missing key" in line]
+    return (useful or lines or [type(error).__name__])[0][:300]
+
+
+def check_adapter_fits(base, folder: Path, key: str) -> None:
+    """Every module the adapter's weights adapt exists in ``base``. PEFT merges an adapter trained for
+    another model silently (zero tensors matched, its warning filtered), and the run would go on as if
+    no adapter had been given."""
+    from safetensors import safe_open
+
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        return  # a .bin adapter: PEFT's own loading checks it
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            names = list(handle.keys())
+    except Exception as error:  # safetensors raises its own error type
+        raise ModelError(f"{key}: {weights}: not a readable safetensors file ({str(error)[:100]})") from None
+    adapted = set()
+    for name in names:
+        stem = name.removeprefix("base_model.model.")
+        for part in (
+            ".lora_A.",
+            ".lora_B.",
+            ".lora_embedding_A",
+            ".lora_embedding_B",
+            ".lora_magnitude_vector",
+        ):
+            if part in stem:
+                adapted.add(stem.split(part)[0])
+                break
+    present = {n for n, _ in base.named_modules()}
+    missing = sorted(m for m in adapted if m not in present)
+    if missing:
+        raise ModelError(
+            f"{key}: {str(folder)!r} adapts {len(missing)} of its {len(adapted)} modules that this base "
+            f"model does not have (first: {missing[0]!r}): it was trained for another model"
+        )
 
 
 def attach_lora(base, section: LoraSection, seed: int, vision: bool = False) -> PeftModel:
