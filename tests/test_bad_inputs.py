@@ -142,3 +142,22 @@ def test_a_dpo_start_adapter_trained_for_another_base_is_refused(tmp_path):
     lines = [line for line in result.output.splitlines() if line.strip() and "Loading weights" not in line]
     assert len(lines) == 1 and "model.adapter" in lines[0] and "trained for another model" in lines[0], lines
     assert not (tmp_path / "runs").exists()
+
+
+def test_completions_cut_by_max_length_are_reported_and_counted(tmp_path):
+    """Truncation that removes the end-of-sequence token trains a model to go on rather than stop: the run
+    says so and lists the rows in partition.json (beside the rows truncation left without a completion)."""
+    import json
+
+    result = CliRunner().invoke(
+        app,
+        ["sft", QUICKSTART, "train.max_length=48", "federation.rounds=1", "federation.local_steps=1",
+         "eval.every=0", f"output_dir={tmp_path}"],
+        env={"COLUMNS": "300"},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (run_dir,) = tmp_path.iterdir()
+    manifest = json.loads((run_dir / "partition.json").read_text())
+    truncated = manifest["truncated_rows"]["rows"]
+    assert truncated and not set(truncated) & set(manifest["dropped_rows"]["rows"])
+    assert f"{len(truncated)} training rows lose their end-of-sequence token" in result.output

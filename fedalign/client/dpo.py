@@ -127,6 +127,9 @@ class DPOLocalTrainer:
         )
         self._examples = {e.row_id: e for e in examples}
         self.eval_examples = list(eval_examples or [])
+        self.truncated_rows: list[
+            int
+        ] = []  # pairs whose chosen or rejected answer loses its end to max_length
         if vision:
             self.dropped_rows: list[int] = []
             self.eval_rows: Any = LazyPairs(self.eval_examples) if self.eval_examples else None
@@ -135,6 +138,18 @@ class DPOLocalTrainer:
         tokenized = self.trainer.train_dataset
         self._position = {row_id: i for i, row_id in enumerate(tokenized["row_id"])}
         self.dropped_rows = sorted(set(self._examples) - set(self._position))
+        limit = train.max_length
+        self.truncated_rows = sorted(
+            row_id
+            for row_id, prompt, chosen, rejected in zip(
+                tokenized["row_id"],
+                tokenized["prompt_ids"],
+                tokenized["chosen_ids"],
+                tokenized["rejected_ids"],
+                strict=True,
+            )
+            if len(prompt) + max(len(chosen), len(rejected)) > limit
+        )  # the collator cuts each sequence at max_length (TRL's keep_start), the answer's end first
         self._tokenized = tokenized.select_columns(_TEXT_COLUMNS)
         evaluation = self.trainer.eval_dataset
         self.eval_rows = evaluation.select_columns(_TEXT_COLUMNS) if evaluation is not None else None

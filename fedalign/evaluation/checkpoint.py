@@ -19,11 +19,13 @@ from pydantic import ValidationError
 
 from fedalign.errors import ModelError
 from fedalign.models.loading import (
+    check_adapter_fits,
     check_model_reachable,
     is_vision_language,
     load_base_model,
     load_processor,
     load_tokenizer,
+    peft_detail,
 )
 from fedalign.recipe import ModelSection
 
@@ -80,10 +82,11 @@ class Checkpoint:
             if unexpected:
                 raise ModelError(f"{self.residual_base}: weights the base model lacks ({unexpected[0]})")
         if self.adapter is not None:
+            check_adapter_fits(model, self.adapter, "adapter")
             try:
                 model = PeftModel.from_pretrained(model, str(self.adapter)).merge_and_unload()
             except (ValueError, RuntimeError, KeyError) as error:
-                first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+                first = peft_detail(error)
                 raise ModelError(
                     f"adapter: {str(self.adapter)!r} does not fit the base model ({first})"
                 ) from None

@@ -25,7 +25,7 @@ from fedalign.privacy.pairs import ensure_pair_decomposable
 from fedalign.privacy.randomness import RunSecrets
 from fedalign.recipe import Recipe
 from fedalign.runtime.run import RunResult, TaskSetup, run_federated
-from fedalign.runtime.sft import warn_dropped, warn_skipped
+from fedalign.runtime.sft import warn_dropped, warn_skipped, warn_truncated
 
 GENERATIONS = "generations.jsonl"
 
@@ -95,6 +95,7 @@ class DPOTask:
                 bf16=loaded.device.type == "cuda" and recipe.model.dtype == "bfloat16",
             )
         kept = warn_dropped(console, recipe, self.train, trainer.dropped_rows)
+        warn_truncated(console, recipe, self.train, trainer.truncated_rows)
         warn_skipped(console, self.skipped)
         cfg = recipe.eval
         prompts = trainer.eval_examples[: cfg.generations]

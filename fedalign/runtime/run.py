@@ -245,6 +245,10 @@ def run_federated(
         "reason": "no completion token within train.max_length",
         "rows": sorted(dropped),
     }
+    manifest["truncated_rows"] = {
+        "reason": "completion cut by train.max_length: no end-of-sequence token (trained, counted)",
+        "rows": sorted(getattr(trainer, "truncated_rows", [])),
+    }
     manifest["eval_rows"] = setup.eval_ids
     manifest.update(setup.manifest)
     write_text_atomic(json.dumps(manifest), run_dir / "partition.json")

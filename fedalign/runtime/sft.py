@@ -61,6 +61,7 @@ class SFTTask:
                 bf16=loaded.device.type == "cuda" and recipe.model.dtype == "bfloat16",
             )
         kept = warn_dropped(console, recipe, self.train, trainer.dropped_rows)
+        warn_truncated(console, recipe, self.train, getattr(trainer, "truncated_rows", []))
         warn_skipped(console, self.skipped)
         dropped_eval = set(trainer.dropped_eval_rows)
 
@@ -90,6 +91,19 @@ def warn_dropped(console: Console, recipe: Recipe, rows: list, dropped_ids: list
             "they are listed in partition.json"
         )
     return [e for e in rows if e.row_id not in dropped]
+
+
+def warn_truncated(console: Console, recipe: Recipe, rows: list, truncated_ids: list[int]) -> None:
+    """Says how many kept rows lost their end of sequence to ``train.max_length`` (in partition.json)."""
+    truncated = set(truncated_ids)
+    if truncated:
+        first = next(e.origin for e in rows if e.row_id in truncated)
+        every = " (every one: raise train.max_length)" if len(truncated) == len(rows) else ""
+        console.print(
+            f"[yellow]warning:[/yellow] {len(truncated)} training rows lose their end-of-sequence token to "
+            f"train.max_length={recipe.train.max_length}{every} and train the model to go on rather than "
+            f"stop (first: {first})"
+        )
 
 
 def warn_skipped(console: Console, skipped: list[dict[str, str]]) -> None:
