@@ -70,6 +70,8 @@ CASES = [
     ("seed beyond 32 bits", "sft", QUICKSTART, [f"seed={2**32}"], "seed"),
     ("unknown optimizer", "sft", QUICKSTART, ["train.optim=adamw_bogus"], "train.optim"),
     ("unknown DPO loss", "dpo", DPO, ["dpo.loss_type=bogus"], "dpo.loss_type"),
+    ("sft on a DPO recipe", "sft", DPO, [], "a DPO recipe (preference pairs); run it with fedalign dpo"),
+    ("dpo on an SFT recipe", "dpo", QUICKSTART, [], "'dolly' is an SFT dataset"),
     ("unknown DPO loss in a list", "dpo", DPO, ["dpo.loss_type=[sigmoid, nope]"], "dpo.loss_type"),
     ("infinite learning rate", "sft", QUICKSTART, ["train.learning_rate=.inf"], "train.learning_rate"),
     ("NaN LoRA alpha", "sft", QUICKSTART, ["lora.alpha=.nan"], "lora.alpha"),

@@ -9,6 +9,7 @@ from rich.console import Console
 from fedalign import algorithms
 from fedalign.client.sft import SFTLocalTrainer
 from fedalign.data.examples import Example
+from fedalign.data.preferences import PREFERENCE_SOURCES
 from fedalign.data.sources import load_examples, split_holdout
 from fedalign.errors import RecipeError
 from fedalign.models.loading import LoadedModel
@@ -31,6 +32,11 @@ class SFTTask:
         self.skipped: list[dict[str, str]] = []
 
     def check(self, recipe: Recipe, algorithm: algorithms.Algorithm) -> None:
+        if recipe.data.source in PREFERENCE_SOURCES:
+            raise RecipeError(
+                f"data.source: {recipe.data.source!r}: this is a DPO recipe (preference pairs); run it with "
+                "fedalign dpo"
+            )
         if recipe.eval.preferred_pattern is not None:
             raise RecipeError("eval.preferred_pattern: measured by fedalign dpo only")
 
@@ -83,12 +89,12 @@ class SFTTask:
 def warn_dropped(console: Console, recipe: Recipe, rows: list, dropped_ids: list[int]) -> list:
     """The rows TRL kept after truncation; says how many were dropped (they are listed in partition.json)."""
     dropped = set(dropped_ids)
-    if dropped:
+    if dropped and len(dropped) < len(rows):  # all dropped: the run stops with an error that says so
         first = next(e.origin for e in rows if e.row_id in dropped)
         console.print(
             f"[yellow]warning:[/yellow] {len(dropped)} training rows have no completion token left within "
             f"train.max_length={recipe.train.max_length} and are not used (first: {first}); "
-            "they are listed in partition.json"
+            "the run lists them in partition.json"
         )
     return [e for e in rows if e.row_id not in dropped]
 
