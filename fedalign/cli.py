@@ -245,13 +245,29 @@ def _quiet_libraries() -> None:
 
 
 def main() -> None:
+    """The console entry point. An exception fedalign did not raise itself (a bug, or an input no check
+    caught yet) is one line and exit status 1; ``--debug`` (anywhere on the command line) or
+    ``FEDALIGN_DEBUG=1`` shows its traceback instead."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    debug = "--debug" in sys.argv[1:] or os.environ.get("FEDALIGN_DEBUG") == "1"
+    sys.argv = [a for a in sys.argv if a != "--debug"]
     if len(sys.argv) > 1 and sys.argv[1] in ("sft", "dpo"):
         _quiet_libraries()
     try:
         app()
     except SystemExit as exit_:
         sys.exit(exit_.code)
+    except Exception as error:  # not fedalign's own: those are caught per command
+        if debug:
+            raise
+        first = (str(error).strip().splitlines() or [""])[0][:300]
+        err_console.print(
+            f"[bold red]error:[/bold red] unexpected {type(error).__name__}: {first} (not a problem fedalign "
+            "checks for yet; rerun with --debug for the traceback, and please report it)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -163,3 +163,23 @@ def test_completions_cut_by_max_length_are_reported_and_counted(tmp_path):
     truncated = manifest["truncated_rows"]["rows"]
     assert truncated and not set(truncated) & set(manifest["dropped_rows"]["rows"])
     assert f"{len(truncated)} training rows lose their end-of-sequence token" in result.output
+
+
+def test_an_exception_fedalign_did_not_raise_is_one_line_unless_debugging(monkeypatch, capsys):
+    import sys
+
+    import fedalign.cli as cli
+
+    def broken() -> None:
+        raise RuntimeError("something deep\nwith a second line")
+
+    monkeypatch.setattr(cli, "app", broken)
+    monkeypatch.setattr(sys, "argv", ["fedalign", "sft", "recipe.yaml"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "unexpected RuntimeError: something deep" in lines[0] and "--debug" in lines[0]
+    monkeypatch.setattr(sys, "argv", ["fedalign", "sft", "recipe.yaml", "--debug"])
+    with pytest.raises(RuntimeError, match="something deep"):
+        cli.main()
