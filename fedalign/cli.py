@@ -41,14 +41,26 @@ def _fail(message: str, code: int = 2) -> None:
 
 def _run(runner: Callable[[Recipe, Console], object], recipe: str, overrides: list[str] | None) -> None:
     """Load the recipe and hand it to ``runner``; a user error becomes one line and exit status 2."""
+    import signal
+
+    from fedalign.errors import RunInterrupted
     from fedalign.recipe import load_recipe
 
+    def terminate(signum, frame) -> None:  # SIGTERM (a scheduler, `kill`): stop as Ctrl-C does
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         runner(load_recipe(recipe, overrides or []), console)
+    except RunInterrupted as error:
+        _fail(str(error), code=130)
     except FedalignError as error:
         _fail(str(error))
-    except KeyboardInterrupt:
-        _fail("interrupted; the run directory keeps every finished round's checkpoint", code=130)
+    except KeyboardInterrupt:  # outside the round loop: while setting up, or while finishing
+        _fail("interrupted outside the round loop; a run directory under output_dir, if one was made, keeps "
+              "every checkpoint written", code=130)  # fmt: skip
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @app.command()

@@ -1,5 +1,6 @@
 """Errors a user can act on. The CLI prints their message as one line per problem and exits non-zero,
-without a traceback; anything else is a bug and keeps its traceback."""
+without a traceback; anything else is reported as an unexpected error in one line (``--debug`` shows its
+traceback)."""
 
 
 class FedalignError(Exception):
@@ -16,3 +17,24 @@ class DataError(FedalignError):
 
 class ModelError(FedalignError):
     """A base model or tokenizer cannot be found or loaded."""
+
+
+class RunInterrupted(FedalignError):
+    """A run stopped by SIGINT or SIGTERM: where its last complete checkpoint is."""
+
+    def __init__(self, run_dir: object, checkpointed: int, keep_last: int | None) -> None:
+        self.run_dir, self.checkpointed = run_dir, checkpointed
+        if checkpointed:
+            kept = f"round {checkpointed}" + (
+                f" and the {keep_last - 1} checkpoints before it"
+                if keep_last and keep_last > 1
+                else ""
+                if keep_last == 1
+                else " and every earlier round"
+            )
+            where = (
+                f"{run_dir} keeps the checkpoints of {kept} (checkpoints/); the final adapter was not written"
+            )
+        else:
+            where = f"{run_dir} has no finished round to keep"
+        super().__init__(f"interrupted: {where}")

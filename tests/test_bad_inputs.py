@@ -183,3 +183,36 @@ def test_an_exception_fedalign_did_not_raise_is_one_line_unless_debugging(monkey
     monkeypatch.setattr(sys, "argv", ["fedalign", "sft", "recipe.yaml", "--debug"])
     with pytest.raises(RuntimeError, match="something deep"):
         cli.main()
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_signal_stops_a_real_run_with_where_it_stands(signal_name, tmp_path):
+    """SIGTERM (a scheduler, `kill`) ends a run as Ctrl-C does: exit 130 and one line naming the run
+    directory and the last checkpoint it keeps."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [
+        sys.executable, "-c", "from fedalign.cli import main; main()", "sft", QUICKSTART,
+        "federation.rounds=50", "federation.local_steps=2", "eval.every=0", f"output_dir={tmp_path}",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "300"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(tmp_path.glob("*/checkpoints/round-00001*")) and time.monotonic() < deadline:
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.2)
+        process.send_signal(getattr(signal, signal_name))
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, err
+    (run_dir,) = tmp_path.iterdir()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: interrupted:") and str(run_dir) in " ".join(lines), err
+    assert "keeps the checkpoints of round" in " ".join(lines) and not (run_dir / "adapter").exists()

@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 
 from fedalign import algorithms
 from fedalign.data.partition import make_partition
-from fedalign.errors import DataError, RecipeError
+from fedalign.errors import DataError, RecipeError, RunInterrupted
 from fedalign.models.adapter import AdapterSlots
 from fedalign.models.loading import (
     LoadedModel,
@@ -326,33 +326,36 @@ def run_federated(
         save_checkpoint(run_dir / "checkpoints", done, glob, state, recipe.checkpoint.keep_last, private)
         checkpointed = done
 
-    with Progress(*columns, console=console, transient=False) as progress:
-        bar = progress.add_task("round", total=rounds)
-        for round_idx in range(rounds):
-            if client_dp is not None and not client_dp.budget_left_for_a_round():
-                console.print(
-                    f"privacy budget: another round would take ε past {recipe.privacy.target_epsilon} "
-                    f"(spent {client_dp.epsilon():.3f}); stopping after round {round_idx}"
-                )
-                rounds = round_idx
-                break
-            if example_dp is not None and not example_dp.anyone_can_visit():
-                console.print(
-                    "privacy budget: no client can take another visit within "
-                    f"ε={recipe.privacy.target_epsilon}; stopping after round {round_idx}"
-                )
-                rounds = round_idx
-                break
-            glob, _ = federation.run_round(round_idx, glob)
-            if example_dp is not None:
-                ledgers = json.dumps(example_dp.to_json())
-                write_text_atomic(ledgers, private_dir / "privacy_ledgers.json", private=True)
-            progress.update(bar, advance=1, description=_progress_line(metrics, recipe, round_idx))
-            done = round_idx + 1
-            if recipe.eval.every and done % recipe.eval.every == 0 and done < rounds:
-                evaluate(done)
-            if done % recipe.checkpoint.every == 0 or done == rounds:
-                checkpoint(done)
+    try:  # SIGINT, and SIGTERM (the CLI turns it into the same), end the run here with where it stands
+        with Progress(*columns, console=console, transient=False) as progress:
+            bar = progress.add_task("round", total=rounds)
+            for round_idx in range(rounds):
+                if client_dp is not None and not client_dp.budget_left_for_a_round():
+                    console.print(
+                        f"privacy budget: another round would take ε past {recipe.privacy.target_epsilon} "
+                        f"(spent {client_dp.epsilon():.3f}); stopping after round {round_idx}"
+                    )
+                    rounds = round_idx
+                    break
+                if example_dp is not None and not example_dp.anyone_can_visit():
+                    console.print(
+                        "privacy budget: no client can take another visit within "
+                        f"ε={recipe.privacy.target_epsilon}; stopping after round {round_idx}"
+                    )
+                    rounds = round_idx
+                    break
+                glob, _ = federation.run_round(round_idx, glob)
+                if example_dp is not None:
+                    ledgers = json.dumps(example_dp.to_json())
+                    write_text_atomic(ledgers, private_dir / "privacy_ledgers.json", private=True)
+                progress.update(bar, advance=1, description=_progress_line(metrics, recipe, round_idx))
+                done = round_idx + 1
+                if recipe.eval.every and done % recipe.eval.every == 0 and done < rounds:
+                    evaluate(done)
+                if done % recipe.checkpoint.every == 0 or done == rounds:
+                    checkpoint(done)
+    except KeyboardInterrupt:
+        raise RunInterrupted(run_dir, checkpointed, recipe.checkpoint.keep_last) from None
     if rounds and checkpointed != rounds:  # stopped early (privacy budget): the last round is kept too
         checkpoint(rounds)
     loop_s = time.perf_counter() - loop_started
