@@ -19,6 +19,10 @@ class ModelError(FedalignError):
     """A base model or tokenizer cannot be found or loaded."""
 
 
+class TrainingDiverged(FedalignError):
+    """Training produced non-finite weights; nothing non-finite is saved."""
+
+
 class RunInterrupted(FedalignError):
     """A run stopped by SIGINT or SIGTERM: where its last complete checkpoint is."""
 

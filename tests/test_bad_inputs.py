@@ -216,3 +216,22 @@ def test_a_signal_stops_a_real_run_with_where_it_stands(signal_name, tmp_path):
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines[-1].startswith("error: interrupted:") and str(run_dir) in " ".join(lines), err
     assert "keeps the checkpoints of round" in " ".join(lines) and not (run_dir / "adapter").exists()
+
+
+def test_a_diverging_run_stops_and_never_saves_a_non_finite_adapter(tmp_path):
+    result = CliRunner().invoke(
+        app,
+        [
+            "sft",
+            QUICKSTART,
+            "train.learning_rate=1e6",
+            "federation.rounds=3",
+            "eval.every=0",
+            f"output_dir={tmp_path}",
+        ],
+        env={"COLUMNS": "300"},
+    )
+    assert result.exit_code == 2, result.output
+    assert "round 1: the aggregated adapter has NaN or infinite values" in result.output
+    (run_dir,) = tmp_path.iterdir()
+    assert not (run_dir / "adapter").exists() and not list(run_dir.glob("checkpoints/round-*"))
