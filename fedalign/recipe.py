@@ -117,6 +117,13 @@ class FederationSection(Section):
     rounds: int = Field(ge=1)
     local_steps: int = Field(ge=1, description="optimizer steps per client visit")
     weighting: Literal["examples", "uniform"] = "examples"
+    min_clients: int = Field(
+        default=1, ge=1, description="fewer surviving clients than this fail the round (no update)"
+    )
+    max_failed_rounds: int = Field(default=3, ge=1, description="failed rounds in a row that stop the run")
+    client_timeout_s: float | None = Field(
+        default=None, gt=0, description="a client visit longer than this is dropped from its round"
+    )
 
     @field_validator("clients_per_round")
     @classmethod
@@ -125,6 +132,24 @@ class FederationSection(Section):
         if total is not None and value > total:
             raise ValueError(f"must be <= num_clients ({value} > {total})")
         return value
+
+
+class FaultsSection(Section):
+    """Seeded fault injection (fedalign/runtime/faults.py): per sampled client and round, the chance that it
+    never answers (drop), raises (crash), returns NaN (nan) or answers ``slow_s`` late (slow)."""
+
+    drop: float = Field(default=0.0, ge=0, le=1)
+    crash: float = Field(default=0.0, ge=0, le=1)
+    nan: float = Field(default=0.0, ge=0, le=1)
+    slow: float = Field(default=0.0, ge=0, le=1)
+    slow_s: float = Field(default=0.0, ge=0)
+    seed: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _a_probability(self) -> FaultsSection:
+        if self.drop + self.crash + self.nan + self.slow > 1:
+            raise ValueError("faults: drop + crash + nan + slow must be at most 1")
+        return self
 
 
 class LoraSection(Section):
@@ -293,6 +318,7 @@ class Recipe(Section):
     dpo: DPOSection = Field(default_factory=DPOSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    faults: FaultsSection = Field(default_factory=FaultsSection)
 
     @field_validator("name")
     @classmethod

@@ -41,6 +41,7 @@ from fedalign.privacy.client_level import ClientLevelDP, clip_update
 from fedalign.privacy.example_level import ExampleLevelDP
 from fedalign.privacy.randomness import RunSecrets, SecretRandomness
 from fedalign.recipe import FederationSection
+from fedalign.runtime.faults import ClientFailure, FaultInjector, RoundFailed, non_finite, poison
 from fedalign.runtime.metrics import MetricsLog, PeakMemory
 from fedalign.runtime.state import ClientStateStore
 
@@ -149,8 +150,11 @@ class Federation:
         client_dp: ClientLevelDP | None = None,
         example_dp: ExampleLevelDP | None = None,
         secrets: RunSecrets | None = None,
+        faults: FaultInjector | None = None,
     ) -> None:
         self.algorithm, self.slots, self.trainer = algorithm, slots, trainer
+        self.faults = faults or FaultInjector()
+        self.failed_in_a_row = 0
         self.client_rows, self.cfg, self.store, self.metrics = client_rows, federation, store, metrics
         self.seed, self.persist_optimizer, self.device = seed, persist_optimizer, device
         self.selector = CohortSelector(federation, seed, client_dp, example_dp)
@@ -218,9 +222,13 @@ class Federation:
         clients = cohort.clients
         received = self.algorithm.broadcast(round_idx, glob)
         weights = [1.0] * len(clients) if self.client_dp is not None else self._weights(clients)
-        visits = [
-            self._local_training(c, round_idx, received, w) for c, w in zip(clients, weights, strict=True)
-        ]
+        visits, dropped = self._visits(round_idx, clients, weights, received)
+        if self.client_dp is None and clients and len(visits) < self.cfg.min_clients:
+            return glob, self._failed_round(round_idx, cohort, clients, visits, dropped, started)
+        self.failed_in_a_row = 0
+        if dropped and self.client_dp is None:  # the survivors' weights sum to one again
+            for visit, weight in zip(visits, self._weights([v.client for v in visits]), strict=True):
+                visit.weight = weight
         aggregated = True
         if self.client_dp is not None:  # noise is released even for an empty cohort
             glob = self._private_aggregate(round_idx, received, glob, visits)
@@ -235,8 +243,72 @@ class Federation:
             self.store.save(visit.client, visit.state)
             visit.trained = {}  # release the client's adapter copy as soon as the round is done
         peak = max([self.memory.read(), *(v.peak_mib for v in visits)])
-        self._log(round_idx, cohort, visits, time.perf_counter() - started, peak)
+        self._log_dropped(round_idx, dropped)
+        self._log(round_idx, cohort, visits, time.perf_counter() - started, peak, dropped)
         return glob, visits
+
+    def _failed_round(self, round_idx, cohort, clients, visits, dropped, started) -> list[Visit]:
+        """Fewer survivors than ``min_clients``: the round leaves the global adapter and every client's state
+        as they were (the survivors' privacy spend stays spent) and is recorded; ``max_failed_rounds`` such
+        rounds in a row stop the run. Not under client-level DP, where the noised sum is released whatever
+        the cohort, so that the output never shows how many took part."""
+        self.failed_in_a_row += 1
+        self._log_dropped(round_idx, dropped)
+        reasons = "; ".join(f"client {c}: {r}" for c, r in dropped[:3])
+        summary = f"{len(visits)} of {len(clients)} clients survived ({reasons})"
+        if self.failed_in_a_row >= self.cfg.max_failed_rounds:
+            raise RoundFailed(
+                f"round {round_idx + 1}: {summary}; {self.failed_in_a_row} rounds in a row had fewer than "
+                f"federation.min_clients={self.cfg.min_clients}; the last checkpoint is kept"
+            )
+        for visit in visits:
+            visit.trained = {}
+        self._log(round_idx, cohort, [], time.perf_counter() - started, self.memory.read(), dropped)
+        return []
+
+    def _visits(
+        self, round_idx: int, clients: list[int], weights: list[float], received: Tensors
+    ) -> tuple[list[Visit], list[tuple[int, str]]]:
+        """Each sampled client's visit, or the reason it was dropped (it raised, was late, or returned
+        non-finite tensors; injected faults go through the same checks)."""
+        visits: list[Visit] = []
+        dropped: list[tuple[int, str]] = []
+        timeout = self.cfg.client_timeout_s
+        for client, weight in zip(clients, weights, strict=True):
+            fault = self.faults.draw(client, round_idx)
+            if fault == "drop":
+                dropped.append((client, "no answer (injected drop)"))
+                continue
+            try:
+                if fault == "crash":
+                    raise ClientFailure("injected crash")
+                if fault == "slow":
+                    time.sleep(self.faults.slow_s)
+                started = time.perf_counter()
+                visit = self._local_training(client, round_idx, received, weight)
+                visit.wall_s = (
+                    time.perf_counter() - started + (self.faults.slow_s if fault == "slow" else 0.0)
+                )
+            except Exception as error:  # a client's failure is its own: the round goes on without it
+                first = (str(error).strip().splitlines() or [""])[0][:160]
+                dropped.append((client, f"raised {type(error).__name__}: {first}"))
+                continue
+            if fault == "nan":
+                poison(visit.trained)
+            bad = non_finite(visit.trained)
+            if bad is not None:
+                dropped.append((client, f"non-finite values in {bad}"))
+            elif timeout is not None and visit.wall_s > timeout:
+                dropped.append((client, f"answered after {visit.wall_s:.1f} s (client_timeout_s={timeout})"))
+            else:
+                visits.append(visit)
+        return visits, dropped
+
+    def _log_dropped(self, round_idx: int, dropped: list[tuple[int, str]]) -> None:
+        for client, reason in dropped:
+            self.metrics.write_private(
+                {"type": "client_dropped", "round": round_idx + 1, "client": client, "reason": reason}
+            )
 
     def _aggregate(self, round_idx: int, glob: Tensors, visits: list[Visit]) -> Tensors:
         """Every stage: uploads, their weighted sum, the server step (a reply, or the new global adapter)."""
@@ -278,7 +350,15 @@ class Federation:
             0, round_idx, {k: received[k] + v for k, v in mean_update.items()}, glob
         )
 
-    def _log(self, round_idx: int, cohort: Cohort, visits: list[Visit], wall_s: float, peak: float) -> None:
+    def _log(
+        self,
+        round_idx: int,
+        cohort: Cohort,
+        visits: list[Visit],
+        wall_s: float,
+        peak: float,
+        dropped: list[tuple[int, str]] = (),  # type: ignore[assignment]
+    ) -> None:
         """Client-private records for every visit and the round; the public round record, DP-safe only."""
         memory = self.memory.field
         for v in visits:
@@ -326,6 +406,8 @@ class Federation:
             public["epsilon"] = self.epsilon
         if self.client_dp is None and self.example_dp is None:  # under DP, timing follows the secret draws
             public["wall_s"] = round(wall_s, 4)
+            if dropped:  # under DP which client failed, and why, follows its data: client-private
+                public["dropped"] = [{"client": c, "reason": r} for c, r in dropped]
         if self.example_dp is not None:
             public |= {
                 "epsilon_max": self.example_dp.max_epsilon(),
@@ -333,7 +415,11 @@ class Federation:
                 "cohort_short": len(visits) < self.cfg.clients_per_round,
             }
         if not visits and self.client_dp is None:
-            public["skipped"] = "no client to train"
+            public["skipped"] = (
+                f"fewer than federation.min_clients={self.cfg.min_clients} clients survived"
+                if dropped
+                else "no client to train"
+            )
         self.metrics.write(public)
 
     def _example_privacy_of(self, visit: Visit) -> dict[str, Any]:

@@ -50,7 +50,7 @@ def public_fields(unit: str) -> dict[str, frozenset[str]]:
     summary = {"type", "rounds", "epsilon", "eval_before", "eval_after", "metrics_before", "metrics_after"}
     summary |= {"guarantee"}
     if unit == "none":
-        round_fields |= {"wall_s"}
+        round_fields |= {"wall_s", "dropped"}
         summary |= _TIMING
     privacy = {"type", "unit", "accountant", "delta", "target_epsilon", "clip_norm", "randomness"}
     privacy |= {"guarantee", "sigma", "q", "q_max", "planned_steps"}

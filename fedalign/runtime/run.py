@@ -48,6 +48,7 @@ from fedalign.models.loading import (
 )
 from fedalign.privacy.randomness import RunSecrets, make_private_dir
 from fedalign.recipe import Recipe
+from fedalign.runtime.faults import FaultInjector
 from fedalign.runtime.federation import Federation
 from fedalign.runtime.metrics import CLIENT_METRICS, PRIVATE_DIR, MetricsLog
 from fedalign.runtime.privacy_plan import (
@@ -282,6 +283,7 @@ def run_federated(
         client_dp=client_dp,
         example_dp=example_dp,
         secrets=secrets,
+        faults=FaultInjector(**recipe.faults.model_dump()),
     )
     initial = slots.read()
     if algorithm.moves_base:
