@@ -34,8 +34,10 @@ _OVERRIDES = typer.Argument(None, help="dotted overrides, e.g. federation.rounds
 
 
 def _fail(message: str, code: int = 2) -> None:
-    for line in message.splitlines() or [message]:
-        err_console.print(f"[bold red]error:[/bold red] {line}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    for line in message.splitlines() or [message]:  # user values may hold [brackets]: never markup
+        err_console.print(f"[bold red]error:[/bold red] {escape(line)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -272,7 +274,9 @@ def main() -> None:
     except Exception as error:  # not fedalign's own: those are caught per command
         if debug:
             raise
-        first = (str(error).strip().splitlines() or [""])[0][:300]
+        from rich.markup import escape
+
+        first = escape((str(error).strip().splitlines() or [""])[0][:300])
         err_console.print(
             f"[bold red]error:[/bold red] unexpected {type(error).__name__}: {first} (not a problem fedalign "
             "checks for yet; rerun with --debug for the traceback, and please report it)",

@@ -23,8 +23,9 @@ class TrainingDiverged(FedalignError):
     """Training produced non-finite weights; nothing non-finite is saved."""
 
 
-class RunInterrupted(FedalignError):
-    """A run stopped by SIGINT or SIGTERM: where its last complete checkpoint is."""
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT or SIGTERM: where its last complete checkpoint is. A KeyboardInterrupt, so
+    code that catches ``Exception`` (or ``FedalignError``) around a run does not swallow a Ctrl-C."""
 
     def __init__(self, run_dir: object, checkpointed: int, keep_last: int | None) -> None:
         self.run_dir, self.checkpointed = run_dir, checkpointed

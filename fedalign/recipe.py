@@ -125,6 +125,14 @@ class FederationSection(Section):
         default=None, gt=0, description="a client visit longer than this is dropped from its round"
     )
 
+    @field_validator("min_clients")
+    @classmethod
+    def _at_most_a_cohort(cls, value: int, info: ValidationInfo) -> int:
+        cohort = info.data.get("clients_per_round")
+        if cohort is not None and value > cohort:
+            raise ValueError(f"must be <= clients_per_round ({value} > {cohort})")
+        return value
+
     @field_validator("clients_per_round")
     @classmethod
     def _at_most_all_clients(cls, value: int, info: ValidationInfo) -> int:
@@ -338,6 +346,15 @@ class Recipe(Section):
             )
         if unit in ("example", "pair") and self.train.gradient_accumulation_steps != 1:
             raise ValueError(f"train.gradient_accumulation_steps: must be 1 under privacy.unit {unit!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _no_timing_channel_under_dp(self) -> Recipe:
+        if self.privacy.enabled and self.federation.client_timeout_s is not None:
+            raise ValueError(
+                "federation.client_timeout_s: not under privacy: a visit's time follows its secret "
+                "batches, so dropping late clients would publish it"
+            )
         return self
 
     @model_validator(mode="after")

@@ -77,6 +77,12 @@ CASES = [
     ("NaN LoRA alpha", "sft", QUICKSTART, ["lora.alpha=.nan"], "lora.alpha"),
     ("name escaping output_dir", "sft", QUICKSTART, ["name=../escape"], "name"),
     ("name with a separator", "sft", QUICKSTART, ["name=a/b"], "name"),
+    ("rich markup in a value", "sft", QUICKSTART, ["name=x[/y]"], "'x[/y]'"),
+    ("min_clients above the cohort", "sft", QUICKSTART, ["federation.min_clients=99"], "min_clients"),
+    ("a timeout under DP", "sft", QUICKSTART,
+     ["federation.client_timeout_s=5", "privacy.unit=example", "privacy.target_epsilon=4"],
+     "client_timeout_s"),
+    ("infinite algorithm setting", "sft", QUICKSTART, ["algorithm.name=fedprox", "algorithm.mu=.inf"], "mu"),
     ("rounds given as true", "sft", QUICKSTART, ["federation.rounds=true"], "federation.rounds"),
     (
         "clients per round as false",
@@ -232,6 +238,6 @@ def test_a_diverging_run_stops_and_never_saves_a_non_finite_adapter(tmp_path):
         env={"COLUMNS": "300"},
     )
     assert result.exit_code == 2, result.output
-    assert "round 1: the aggregated adapter has NaN or infinite values" in result.output
+    assert "round 1: every client's update has NaN or infinite values" in result.output
     (run_dir,) = tmp_path.iterdir()
     assert not (run_dir / "adapter").exists() and not list(run_dir.glob("checkpoints/round-*"))

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 Tensors = dict[str, torch.Tensor]
 Factor = Literal["A", "B", "full"]  # "full": a fully trained module (PEFT modules_to_save)
@@ -41,7 +41,18 @@ class RunContext:
 class AlgorithmConfig(BaseModel):
     """Base of every algorithm's recipe section (``algorithm:``); subclasses add a ``name`` literal."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, data):
+        """``mu: true`` would be 1 (a model validator: ``name`` is the union's discriminator)."""
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key)
+                if isinstance(value, bool) and field is not None and field.annotation in (int, float):
+                    raise ValueError(f"{key}: expected a number, got {str(value).lower()}")
+        return data
 
 
 def factor_of(key: str) -> Factor | None:
@@ -132,6 +143,10 @@ class Algorithm:
     def local_start(self, round_idx: int, received: Tensors, state: ClientState) -> Tensors:
         """Tensors to write into the client's adapter before local training (the rest stay as they are)."""
         return received
+
+    def begin_aggregation(self, round_idx: int, survivors: int) -> None:
+        """Called before a round's uploads are aggregated, with how many clients' uploads are in it (fewer
+        than ``clients_per_round`` when some failed). Stateless rules ignore it."""
 
     def uploaded_factors(self, round_idx: int) -> frozenset[Factor]:
         """The factors a one-stage upload carries: the trained ones by default. Client-level DP noises

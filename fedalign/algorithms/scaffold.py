@@ -78,8 +78,12 @@ class Scaffold(Algorithm):
         state.tensors = {k: v for k, v in state.tensors.items() if k.endswith(_C)}
         return state
 
+    def begin_aggregation(self, round_idx: int, survivors: int) -> None:
+        self._survivors = survivors  # the Δc sum is over these (their weights renormalised) only
+
     def server_step(self, stage: int, round_idx: int, summed: Tensors, glob: Tensors) -> Tensors:
-        share = self.context.clients_per_round / self.context.num_clients
+        survivors = getattr(self, "_survivors", self.context.clients_per_round)
+        share = survivors / self.context.num_clients
         for key in list(summed):
             if key.endswith(_DC):
                 base = key.removesuffix(_DC)

@@ -84,13 +84,12 @@ class SFTLocalTrainer:
         tokenized = self.trainer.train_dataset
         self._position = {row_id: i for i, row_id in enumerate(tokenized["row_id"])}
         self.dropped_rows = sorted({r["row_id"] for r in records} - set(self._position))
-        # rows whose completion lost its end-of-sequence token to max_length: they train the model to go on
-        # rather than to stop, which truncation would otherwise hide
-        eos = tokenizer.eos_token_id
+        # rows TRL cut at max_length (keep_start: the completion's end, its end-of-sequence token with it):
+        # they train the model to go on rather than to stop, which truncation would otherwise hide
         self.truncated_rows = sorted(
             row_id
             for row_id, ids in zip(tokenized["row_id"], tokenized["input_ids"], strict=True)
-            if eos is not None and (not ids or ids[-1] != eos)
+            if len(ids) >= train.max_length
         )
         self._tokenized = tokenized.select_columns(_COLUMNS)
         evaluation = self.trainer.eval_dataset

@@ -77,7 +77,7 @@ def check_model_files(folder: Path, shown: str) -> None:
             raise ModelError(f"{shard}: not a readable safetensors file (truncated or damaged)") from None
         if 8 + length + end > size:
             raise ModelError(f"{shard}: truncated ({size} bytes, its header promises {8 + length + end})")
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors.index.json"):
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         file = folder / name
         if file.is_file():
             try:
@@ -182,6 +182,20 @@ def peft_detail(error: BaseException) -> str:
     return (useful or lines or [type(error).__name__])[0][:300]
 
 
+def _legacy_llava(module: str) -> str:
+    """A module name as adapters saved with transformers < 4.52 spell LLaVA's (``language_model.model.``
+    ...), in today's layout; PEFT converts these keys when it loads them."""
+    for old, new in (
+        ("language_model.model.", "model.language_model."),
+        ("language_model.lm_head", "lm_head"),
+        ("vision_tower.", "model.vision_tower."),
+        ("multi_modal_projector.", "model.multi_modal_projector."),
+    ):
+        if module.startswith(old):
+            return new + module[len(old) :]
+    return module
+
+
 def check_adapter_fits(base, folder: Path, key: str) -> None:
     """Every module the adapter's weights adapt exists in ``base``. PEFT merges an adapter trained for
     another model silently (zero tensors matched, its warning filtered), and the run would go on as if
@@ -210,7 +224,7 @@ def check_adapter_fits(base, folder: Path, key: str) -> None:
                 adapted.add(stem.split(part)[0])
                 break
     present = {n for n, _ in base.named_modules()}
-    missing = sorted(m for m in adapted if m not in present)
+    missing = sorted(m for m in adapted if m not in present and _legacy_llava(m) not in present)
     if missing:
         raise ModelError(
             f"{key}: {str(folder)!r} adapts {len(missing)} of its {len(adapted)} modules that this base "

@@ -36,6 +36,7 @@ from fedalign.algorithms.base import (
     select,
     weighted_sum,
 )
+from fedalign.errors import FedalignError, TrainingDiverged
 from fedalign.models.adapter import AdapterSlots
 from fedalign.privacy.client_level import ClientLevelDP, clip_update
 from fedalign.privacy.example_level import ExampleLevelDP
@@ -155,6 +156,7 @@ class Federation:
         self.algorithm, self.slots, self.trainer = algorithm, slots, trainer
         self.faults = faults or FaultInjector()
         self.failed_in_a_row = 0
+        self.last_client_error: BaseException | None = None  # chained to a failed run (--debug shows it)
         self.client_rows, self.cfg, self.store, self.metrics = client_rows, federation, store, metrics
         self.seed, self.persist_optimizer, self.device = seed, persist_optimizer, device
         self.selector = CohortSelector(federation, seed, client_dp, example_dp)
@@ -223,21 +225,36 @@ class Federation:
         received = self.algorithm.broadcast(round_idx, glob)
         weights = [1.0] * len(clients) if self.client_dp is not None else self._weights(clients)
         visits, dropped = self._visits(round_idx, clients, weights, received)
-        if self.client_dp is None and clients and len(visits) < self.cfg.min_clients:
+        diverged = [r for _, r in dropped if r.startswith("non-finite") and "injected" not in r]
+        if clients and not visits and len(diverged) == len(dropped) > 0:
+            raise TrainingDiverged(
+                f"round {round_idx + 1}: every client's update has NaN or infinite values ({diverged[0]}); "
+                "nothing from this round is saved. Lower train.learning_rate, or set train.max_grad_norm"
+            )
+        if self.client_dp is None and dropped and len(visits) < min(self.cfg.min_clients, len(clients)):
             return glob, self._failed_round(round_idx, cohort, clients, visits, dropped, started)
         self.failed_in_a_row = 0
         if dropped and self.client_dp is None:  # the survivors' weights sum to one again
             for visit, weight in zip(visits, self._weights([v.client for v in visits]), strict=True):
                 visit.weight = weight
         aggregated = True
+        self.algorithm.begin_aggregation(round_idx, len(visits))
         if self.client_dp is not None:  # noise is released even for an empty cohort
             glob = self._private_aggregate(round_idx, received, glob, visits)
         elif visits:
             glob = self._aggregate(round_idx, glob, visits)
         else:  # nobody to train: the global adapter stays as it is
             aggregated = False
-        if aggregated and self.algorithm.moves_base:  # one shared base here; remote clients apply it too
-            self.slots.add_to_base(self.algorithm.take_base_update())
+        bad = non_finite(glob) if aggregated else None
+        base_update = self.algorithm.take_base_update() if aggregated and self.algorithm.moves_base else None
+        bad = bad or (non_finite(base_update) if base_update is not None else None)
+        if bad is not None:  # before any state is saved: nothing non-finite outlives the round
+            raise TrainingDiverged(
+                f"round {round_idx + 1}: the aggregate has NaN or infinite values (first: {bad}); nothing "
+                "from this round is saved. Lower train.learning_rate, or set train.max_grad_norm"
+            )
+        if base_update is not None:  # one shared base here; remote clients apply it too
+            self.slots.add_to_base(base_update)
         for visit in visits:
             visit.state = self.algorithm.local_end(round_idx, visit.trained, visit.state)
             self.store.save(visit.client, visit.state)
@@ -260,7 +277,7 @@ class Federation:
             raise RoundFailed(
                 f"round {round_idx + 1}: {summary}; {self.failed_in_a_row} rounds in a row had fewer than "
                 f"federation.min_clients={self.cfg.min_clients}; the last checkpoint is kept"
-            )
+            ) from self.last_client_error
         for visit in visits:
             visit.trained = {}
         self._log(round_idx, cohort, [], time.perf_counter() - started, self.memory.read(), dropped)
@@ -289,7 +306,12 @@ class Federation:
                 visit.wall_s = (
                     time.perf_counter() - started + (self.faults.slow_s if fault == "slow" else 0.0)
                 )
+            except (FedalignError, AssertionError):
+                raise  # a bad row (on_bad_row: stop) or a broken invariant: the run's problem
             except Exception as error:  # a client's failure is its own: the round goes on without it
+                for param in self.slots.named_trainable().values():
+                    param.grad = None  # nothing of the failed visit reaches the next client's first step
+                self.last_client_error = error
                 first = (str(error).strip().splitlines() or [""])[0][:160]
                 dropped.append((client, f"raised {type(error).__name__}: {first}"))
                 continue
@@ -297,7 +319,8 @@ class Federation:
                 poison(visit.trained)
             bad = non_finite(visit.trained)
             if bad is not None:
-                dropped.append((client, f"non-finite values in {bad}"))
+                injected = " (injected nan)" if fault == "nan" else ""
+                dropped.append((client, f"non-finite values in {bad}{injected}"))
             elif timeout is not None and visit.wall_s > timeout:
                 dropped.append((client, f"answered after {visit.wall_s:.1f} s (client_timeout_s={timeout})"))
             else:

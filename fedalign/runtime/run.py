@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 
 from fedalign import algorithms
 from fedalign.data.partition import make_partition
-from fedalign.errors import DataError, RecipeError, RunInterrupted, TrainingDiverged
+from fedalign.errors import DataError, RecipeError, RunInterrupted
 from fedalign.models.adapter import AdapterSlots
 from fedalign.models.loading import (
     LoadedModel,
@@ -120,19 +120,6 @@ def package_versions() -> dict[str, str]:
             versions[name] = "not installed"
     versions["cuda"] = torch.version.cuda or "none"
     return versions
-
-
-def _check_finite(glob: dict, done: int, checkpointed: int) -> None:
-    """A non-finite global adapter is never saved: the run stops at the round that produced it."""
-    for name, tensor in glob.items():
-        if not torch.isfinite(tensor).all():
-            kept = (
-                f"round {checkpointed}'s checkpoint is the last kept" if checkpointed else "nothing was kept"
-            )
-            raise TrainingDiverged(
-                f"round {done}: the aggregated adapter has NaN or infinite values (first: {name}); it is not "
-                f"saved and {kept}. Lower train.learning_rate, or set train.max_grad_norm"
-            )
 
 
 def check_output_dir(output_dir: str) -> None:
@@ -360,7 +347,6 @@ def run_federated(
                     rounds = round_idx
                     break
                 glob, _ = federation.run_round(round_idx, glob)
-                _check_finite(glob, round_idx + 1, checkpointed)
                 if example_dp is not None:
                     ledgers = json.dumps(example_dp.to_json())
                     write_text_atomic(ledgers, private_dir / "privacy_ledgers.json", private=True)
