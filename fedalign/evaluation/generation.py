@@ -46,6 +46,27 @@ class GenerationSettings:
         return json.dumps({**decisive, "format": CACHE_FORMAT}, sort_keys=True)
 
 
+def read_keyed_jsonl(path: Path) -> list[dict]:
+    """The ``{"key": ...}`` records of an append-only cache file (later lines win when read in order). A
+    last line cut by a kill is dropped from the file, so the next append starts whole; unreadable lines
+    are skipped."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        path.write_bytes(data)
+    entries = []
+    for line in data.decode("utf-8", errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("key"), str):
+            entries.append(entry)
+    return entries
+
+
 @dataclass
 class ResponseCache:
     """Append-only JSONL of ``{"key", "response"}``; later lines win."""
@@ -54,19 +75,8 @@ class ResponseCache:
     entries: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.path.is_file():
-            return
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):  # a line cut by a kill: dropped, so the next append is whole
-            data = data[: data.rfind(b"\n") + 1]
-            self.path.write_bytes(data)
-        for line in data.decode("utf-8", errors="replace").splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(entry, dict) and isinstance(entry.get("key"), str):
-                self.entries[entry["key"]] = str(entry.get("response", ""))
+        for entry in read_keyed_jsonl(self.path):
+            self.entries[entry["key"]] = str(entry.get("response", ""))
 
     def add(self, items: list[tuple[str, str]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)  # made with the first answer, not before

@@ -34,6 +34,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedalign.errors import FedalignError, RecipeError
+from fedalign.evaluation.generation import read_keyed_jsonl
 
 CACHE_FORMAT = 1
 
@@ -289,19 +290,9 @@ class CachedJudge:
         self._lock = threading.Lock()
         self.entries: dict[str, str] = {}
         self.models: dict[str, str | None] = {}
-        if path.is_file():
-            data = path.read_bytes()
-            if data and not data.endswith(b"\n"):  # a line cut by a kill
-                data = data[: data.rfind(b"\n") + 1]
-                path.write_bytes(data)
-            for line in data.decode("utf-8", errors="replace").splitlines():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(entry, dict) and isinstance(entry.get("key"), str):
-                    self.entries[entry["key"]] = str(entry.get("text", ""))
-                    self.models[entry["key"]] = entry.get("model")
+        for entry in read_keyed_jsonl(path):
+            self.entries[entry["key"]] = str(entry.get("text", ""))
+            self.models[entry["key"]] = entry.get("model")
 
     def describe(self) -> dict[str, object]:
         return (

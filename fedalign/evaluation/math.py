@@ -17,8 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 from rich.table import Table
 
@@ -29,6 +28,7 @@ from evaluators.gsmhard.gsmhard import score as score_gsmhard
 from fedalign.errors import DataError, RecipeError
 from fedalign.evaluation.checkpoint import Checkpoint, is_run_dir, resolve
 from fedalign.evaluation.generation import GenerationSettings, ResponseCache, generate_all
+from fedalign.evaluation.settings import parse_settings
 from fedalign.models.loading import resolve_device
 
 FIELDS = {"gsm8k": ("question", "answer"), "gsmhard": ("input", "target")}
@@ -60,29 +60,8 @@ class MathEvalSettings(_Section):
 
 
 def parse_overrides(overrides: list[str]) -> MathEvalSettings:
-    """``key=value`` pairs (values are YAML, keys dotted) into validated settings, one line per problem."""
-    raw: dict[str, Any] = {}
-    for override in overrides:
-        key, sep, value = override.partition("=")
-        if not sep or not key:
-            raise RecipeError(f"eval: {override!r}: expected key=value")
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise RecipeError(f"eval: {key}: {value!r} is not a valid value") from None
-        node = raw
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise RecipeError(f"eval: {key}: {part} is a value, not a section")
-        node[leaf] = parsed
-    try:
-        settings = MathEvalSettings(**raw)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise RecipeError(f"eval: {where}: {first['msg']}") from None
+    """``key=value`` pairs into validated settings, one line per problem (the variant among bench.yaml's)."""
+    settings = parse_settings(overrides, MathEvalSettings)
     if settings.variant not in task.spec()["variants"]:
         raise RecipeError(
             f"eval: variant: {settings.variant!r} is not one of {', '.join(task.spec()['variants'])}"

@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedalign.errors import DataError, ModelError, RecipeError
+from fedalign.errors import DataError, ModelError
 from fedalign.evaluation.checkpoint import Checkpoint, is_run_dir
 from fedalign.evaluation.generation import GenerationSettings, ResponseCache, generate_batch
 from fedalign.evaluation.judges import (
@@ -39,6 +38,7 @@ from fedalign.evaluation.judges import (
     judge_all,
     make_judge,
 )
+from fedalign.evaluation.settings import parse_settings as parse_settings_into
 
 REPO_DATA = Path(__file__).resolve().parents[3] / "data" / "safety"
 """The synthetic fixtures (``python -m fedalign.embedded``), the default data of every benchmark."""
@@ -103,32 +103,6 @@ class SafetySettings(_Section):
 
     def judge_settings(self) -> JudgeSettings:
         return JudgeSettings(**self.judge.model_dump())
-
-
-def parse_settings(overrides: list[str], model: type[BaseModel] = SafetySettings):
-    """``key=value`` pairs (values are YAML, keys dotted) into validated settings, one line per problem."""
-    raw: dict[str, Any] = {}
-    for override in overrides:
-        key, sep, value = override.partition("=")
-        if not sep or not key:
-            raise RecipeError(f"eval: {override!r}: expected key=value")
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise RecipeError(f"eval: {key}: {value!r} is not a valid value") from None
-        node = raw
-        *parents, leaf = key.replace("-", "_").split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise RecipeError(f"eval: {key}: {part} is a value, not a section")
-        node[leaf] = parsed
-    try:
-        return model(**raw)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise RecipeError(f"eval: {where}: {first['msg']}") from None
 
 
 @dataclass(frozen=True)
@@ -395,3 +369,8 @@ def proxy_names(metrics: dict[str, Any]) -> dict[str, Any]:
         proxy = (key.startswith("asr") or key == "refusal_rate") and not key.endswith("_kw")
         renamed[f"{key}_kw" if proxy else key] = proxy_names(value) if isinstance(value, dict) else value
     return renamed
+
+
+def parse_settings(overrides: list[str]) -> SafetySettings:
+    """``key=value`` pairs into validated :class:`SafetySettings` (one line per problem)."""
+    return parse_settings_into(overrides, SafetySettings)
