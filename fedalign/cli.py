@@ -10,15 +10,11 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 
 from fedalign.errors import FedalignError
-
-if TYPE_CHECKING:
-    from fedalign.recipe import Recipe
 
 app = typer.Typer(
     add_completion=False,
@@ -31,6 +27,10 @@ err_console = Console(stderr=True)
 
 _RECIPE = typer.Argument(..., help="recipe YAML, e.g. recipes/dolly.yaml")
 _OVERRIDES = typer.Argument(None, help="dotted overrides, e.g. federation.rounds=50 lora.r=32")
+_RUN_DIR = typer.Argument(..., help="a run directory under output_dir")
+_RESUME_OVERRIDES = typer.Argument(
+    None, help="only federation.rounds, checkpoint.every, checkpoint.keep_last, eval.every"
+)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -41,8 +41,9 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _run(runner: Callable[[Recipe, Console], object], recipe: str, overrides: list[str] | None) -> None:
-    """Load the recipe and hand it to ``runner``; a user error becomes one line and exit status 2."""
+def _run(runner: Callable[..., object], recipe: str, overrides: list[str] | None, load: bool = True) -> None:
+    """Load the recipe (``load``; else pass the argument on as it is) and hand it to ``runner``; a user
+    error becomes one line and exit status 2."""
     import signal
 
     from fedalign.errors import RunInterrupted
@@ -53,14 +54,15 @@ def _run(runner: Callable[[Recipe, Console], object], recipe: str, overrides: li
 
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        runner(load_recipe(recipe, overrides or []), console)
+        runner(load_recipe(recipe, overrides or []) if load else recipe, console)
     except RunInterrupted as error:
         _fail(str(error), code=130)
     except FedalignError as error:
         _fail(str(error))
     except KeyboardInterrupt:  # outside the round loop: while setting up, or while finishing
-        _fail("interrupted outside the round loop; a run directory under output_dir, if one was made, keeps "
-              "every checkpoint written", code=130)  # fmt: skip
+        _fail("interrupted outside the round loop (loading, or writing the final adapter); a run directory "
+              "under output_dir, if one was made, continues with: fedalign resume RUN_DIR",
+              code=130)  # fmt: skip
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -71,6 +73,15 @@ def sft(recipe: str = _RECIPE, overrides: list[str] | None = _OVERRIDES) -> None
     from fedalign.runtime.sft import run_sft
 
     _run(run_sft, recipe, overrides)
+
+
+@app.command()
+def resume(run_dir: str = _RUN_DIR, overrides: list[str] | None = _RESUME_OVERRIDES) -> None:
+    """Continue a stopped or killed run from its last complete checkpoint (or extend a finished one with
+    federation.rounds=N); the result equals an uninterrupted run's."""
+    from fedalign.runtime.resume import resume_run
+
+    _run(lambda recipe, console: resume_run(recipe, overrides, console), run_dir, None, load=False)
 
 
 @app.command()
@@ -265,7 +276,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     debug = "--debug" in sys.argv[1:] or os.environ.get("FEDALIGN_DEBUG") == "1"
     sys.argv = [a for a in sys.argv if a != "--debug"]
-    if len(sys.argv) > 1 and sys.argv[1] in ("sft", "dpo"):
+    if len(sys.argv) > 1 and sys.argv[1] in ("sft", "dpo", "resume"):
         _quiet_libraries()
     try:
         app()

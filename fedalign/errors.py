@@ -24,22 +24,25 @@ class TrainingDiverged(FedalignError):
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """A run stopped by SIGINT or SIGTERM: where its last complete checkpoint is. A KeyboardInterrupt, so
-    code that catches ``Exception`` (or ``FedalignError``) around a run does not swallow a Ctrl-C."""
+    """A run stopped by SIGINT or SIGTERM: where its last complete checkpoint is, and how to resume. A
+    KeyboardInterrupt, so code that catches ``Exception`` (or ``FedalignError``) around a run does not
+    swallow a Ctrl-C."""
 
-    def __init__(self, run_dir: object, checkpointed: int, keep_last: int | None) -> None:
-        self.run_dir, self.checkpointed = run_dir, checkpointed
-        if checkpointed:
-            kept = f"round {checkpointed}" + (
-                f" and the {keep_last - 1} checkpoints before it"
-                if keep_last and keep_last > 1
-                else ""
-                if keep_last == 1
-                else " and every earlier round"
-            )
-            where = (
-                f"{run_dir} keeps the checkpoints of {kept} (checkpoints/); the final adapter was not written"
-            )
+    def __init__(
+        self, run_dir: object, checkpointed: int, aborted: bool = True, signal_name: str = "SIGINT"
+    ) -> None:
+        self.run_dir, self.checkpointed, self.aborted = run_dir, checkpointed, aborted
+        if not aborted:
+            where = f"{signal_name}: stopped after round {checkpointed}, checkpointed"
+        elif checkpointed:
+            where = f"aborted: the last complete checkpoint is round {checkpointed}"
         else:
-            where = f"{run_dir} has no finished round to keep"
-        super().__init__(f"interrupted: {where}")
+            where = "aborted before the first checkpoint: a resume starts from round 0"
+        super().__init__(
+            f"{where}; the final adapter was not written. Run directory: {run_dir}. "
+            f"Resume with: fedalign resume {run_dir}"
+        )
+
+
+class RunNotResumable(FedalignError):
+    """A run directory cannot be resumed (the message says why)."""

@@ -370,6 +370,27 @@ class Recipe(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently, so a
+    pasted second ``rounds:`` would quietly win over the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # merge keys (<<) may repeat a key on purpose; other keys are checked by PyYAML
+            key = self.construct_object(key_node)
+            if key in seen:
+                problem = f"key {key!r} given twice (first on line {seen[key] + 1})"
+                raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: builds plain values only
+
+
 def apply_override(raw: dict[str, Any], override: str) -> None:
     """Set ``a.b.c=value`` in a nested dict, parsing the value as YAML."""
     key, sep, text = override.partition("=")
@@ -384,7 +405,7 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
             raise RecipeError(f"override {override!r}: {where} is a value, not a section")
         node = child
     try:
-        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+        node[parts[-1]] = _yaml(text) if text.strip() else None
     except yaml.YAMLError as error:
         raise RecipeError(
             f"override {override!r}: the value is not valid YAML ({getattr(error, 'problem', 'unparsable')})"
@@ -420,7 +441,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = _yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as error:
         line = path.read_bytes()[: error.start].count(b"\n") + 1
         raise RecipeError(
@@ -430,6 +451,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise RecipeError(f"{path}:{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
+    if raw is None:
+        raise RecipeError(f"{path}: the recipe is empty (it needs name, model, data, federation and lora)")
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
     for override in overrides:

@@ -2,21 +2,23 @@
 
 ``recipes/fedask-dolly-dp.yaml`` (10 clients, 2 per round, 800 rounds, 10 local steps, ε = 3) is replayed
 with the runtime's own pieces: the recipe loader, the partitioner, the example-level DP plan (σ calibrated
-by the recipe's accountant), the budget checks and the cohort selector. The only stand-in is local
-training: a visit spends its ``local_steps`` private steps on the client's ledger, as a trained visit
-does (empty Poisson draws are steps too). Dolly-15k cannot be downloaded here, so its 15,011 rows are
+by the recipe's accountant), the budget checks and the mechanism's cohort selection. The only stand-in is
+local training: a visit spends its ``local_steps`` private steps on the client's ledger, as a trained
+visit does (empty Poisson draws are steps too). Dolly-15k cannot be downloaded here, so its 15,011 rows are
 stood in for by their category labels in the real per-category counts (the recipe's IID split only needs
 the count; truncation at ``max_length`` is not modelled).
 """
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedalign.data.partition import make_partition
 from fedalign.privacy.example_level import ExampleLevelDP
+from fedalign.privacy.mechanism import ExampleLevel
 from fedalign.recipe import load_recipe
-from fedalign.runtime.federation import CohortSelector
+from fedalign.runtime.federation import Federation  # noqa: F401 (the round that drives the mechanism)
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "fedask-dolly-dp.yaml"
 DOLLY_CATEGORIES = {  # databricks-dolly-15k, per category
@@ -44,13 +46,14 @@ def _replay(seed: int) -> tuple[int, ExampleLevelDP, int]:
     rows = [_Row(i, labels[i]) for i in range(kept)]
     partition = make_partition(rows, recipe.partition, recipe.federation.num_clients, recipe.seed)
     dp = ExampleLevelDP.plan(recipe.privacy, recipe.federation, recipe.train, partition.sizes())
-    selector = CohortSelector(recipe.federation, recipe.seed, example_dp=dp)
+    mechanism = ExampleLevel(recipe.federation, dp, secrets=None)  # type: ignore[arg-type] (no visits here)
+    sampler = np.random.default_rng(np.random.SeedSequence([recipe.seed, 1]))  # as the round's
     done = short = 0
     for round_idx in range(recipe.federation.rounds):
         if not dp.anyone_can_visit():
             break
         with_budget = len(dp.clients_with_budget())
-        cohort = selector.select(round_idx)
+        cohort = mechanism.select(round_idx, sampler)
         assert cohort.clients, f"seed {seed}: round {round_idx} has no client while some have budget"
         if len(cohort.clients) < recipe.federation.clients_per_round:  # only when too few have budget
             assert len(cohort.clients) == with_budget, f"seed {seed}: round {round_idx} short needlessly"
@@ -85,8 +88,9 @@ def test_the_schedule_also_completes_under_the_default_accountant(accountant: st
     rows = [_Row(i, labels[i]) for i in range(len(labels) - round(len(labels) * recipe.data.holdout))]
     partition = make_partition(rows, recipe.partition, recipe.federation.num_clients, recipe.seed)
     dp = ExampleLevelDP.plan(recipe.privacy, recipe.federation, recipe.train, partition.sizes())
-    selector = CohortSelector(recipe.federation, recipe.seed, example_dp=dp)
+    mechanism = ExampleLevel(recipe.federation, dp, secrets=None)  # type: ignore[arg-type] (no visits here)
+    sampler = np.random.default_rng(np.random.SeedSequence([recipe.seed, 1]))  # as the round's
     for round_idx in range(recipe.federation.rounds):
-        for client in selector.select(round_idx).clients:
+        for client in mechanism.select(round_idx, sampler).clients:
             dp.record_visit(client, recipe.federation.local_steps)
     assert dp.max_epsilon() <= recipe.privacy.target_epsilon

@@ -3,6 +3,7 @@
 import torch
 
 from fedalign.algorithms import ClientState, build, registry, weighted_sum
+from fedalign.algorithms.base import low_rank_delta
 
 MODULE = "base_model.model.model.layers.0.self_attn.q_proj"
 A, B = f"{MODULE}.lora_A.weight", f"{MODULE}.lora_B.weight"
@@ -35,7 +36,9 @@ def _round(algorithm, glob, weight, generator, freeze_a: bool):
     uploads = [algorithm.client_upload(0, 0, t, {}, ClientState()) for t in trained]
     summed = weighted_sum(uploads, [1 / 3] * 3)
     new = algorithm.server_step(0, 0, summed, glob)
-    weight = weight + algorithm.take_base_update()[MODULE]
+    update = algorithm.take_base_update()
+    assert update[MODULE + "::up"].shape == (D, 2 * R)  # the change travels as rank-2r factors
+    weight = weight + low_rank_delta(update)[MODULE]
     return new, weight, summed
 
 

@@ -176,14 +176,37 @@ class Algorithm:
         raise NotImplementedError
 
     def take_base_update(self) -> Tensors:
-        """The additive base-weight change decided by the last server step, per module (then forgotten)."""
+        """The base-weight change decided by the last server step (then forgotten), as low-rank factors
+        ``{module}::up`` (d×q) and ``{module}::down`` (q×k) whose product is the additive change of the
+        module's weight (see :func:`low_rank_delta`). Factors, not the dense d×k change: that is what a run
+        keeps per round to rebuild the base on resume, and what crosses a wire."""
         raise NotImplementedError
+
+    def state_dict(self) -> Tensors:
+        """The server-side state this algorithm carries from round to round beyond the global adapter
+        (SCAFFOLD's control variate), to be checkpointed. What follows from the round index (RoLoRA's phase)
+        or is rebuilt from the run's start (FRLoRA's principal factors) is not state."""
+        return {}
+
+    def load_state_dict(self, state: Tensors) -> None:
+        """Restore :meth:`state_dict` after :meth:`init_global` (a resumed run)."""
+        if state:
+            raise ValueError(f"{self.name} keeps no server state, got {sorted(state)[:3]}")
 
     def gradient_term(self, round_idx: int, received: Tensors, state: ClientState) -> GradientTerm | None:
         """An extra gradient for each trainable LoRA tensor at every local step (FedProx's proximal pull,
         SCAFFOLD's control variates), added after the data gradient (and after DP noise: it is a function
         of public values and the model, so privacy is unaffected). ``None``: plain local training."""
         return None
+
+
+UP, DOWN = "::up", "::down"
+
+
+def low_rank_delta(factors: Tensors) -> Tensors:
+    """Module -> the dense change ``up @ down`` of a :meth:`Algorithm.take_base_update`."""
+    modules = [k.removesuffix(UP) for k in factors if k.endswith(UP)]
+    return {m: factors[m + UP].float() @ factors[m + DOWN].float() for m in modules}
 
 
 _REGISTRY: dict[str, type[Algorithm]] = {}

@@ -11,14 +11,17 @@ Both factors train (the paper's intent); ``freeze_a: true`` reproduces the relea
 code used uniform weights).
 
 In this process the base is shared by all clients, so the runtime applies the base change once per round;
-on separate machines every client applies c·(B̄Ā − B₀A₀) itself from the broadcast factors.
+on separate machines every client applies c·(B̄Ā − B₀A₀) itself from the broadcast factors. The change is
+handed over as rank-2r factors (c·[B̄, −B₀], [Ā; A₀]), never as a dense d×k matrix: a run keeps one such
+pair per round (2r(d+k) values per module) and rebuilds the moved base from them on resume. The principal
+pair (B₀, A₀) is no state: it follows from the pretrained weights by the same SVD on every start.
 """
 
 from typing import Literal
 
 import torch
 
-from fedalign.algorithms.base import Algorithm, AlgorithmConfig, Factor, Tensors, register
+from fedalign.algorithms.base import DOWN, UP, Algorithm, AlgorithmConfig, Factor, Tensors, register
 
 
 class FRLoRAConfig(AlgorithmConfig):
@@ -55,7 +58,9 @@ class FRLoRA(Algorithm):
         averaged = {**glob, **summed}
         for module, (b0, a0) in self.principal.items():
             b_bar, a_bar = averaged[f"{module}.lora_B.weight"], averaged[f"{module}.lora_A.weight"]
-            self._pending[module] = self.scalings[module] * (b_bar @ a_bar - b0 @ a0)
+            # c·(B̄Ā − B₀A₀) = (c·[B̄, −B₀]) @ [Ā; A₀]: rank ≤ 2r, kept and sent as these two factors
+            self._pending[module + UP] = torch.cat([b_bar.float(), -b0], dim=1) * self.scalings[module]
+            self._pending[module + DOWN] = torch.cat([a_bar.float(), a0], dim=0)
         return {k: v.clone() for k, v in glob.items()}  # LoRA resets to (B₀, A₀)
 
     def take_base_update(self) -> Tensors:

@@ -78,6 +78,14 @@ class Scaffold(Algorithm):
         state.tensors = {k: v for k, v in state.tensors.items() if k.endswith(_C)}
         return state
 
+    def state_dict(self) -> Tensors:
+        return {k + _C: v for k, v in self.control.items()}
+
+    def load_state_dict(self, state: Tensors) -> None:
+        if set(state) != {k + _C for k in self.control}:
+            raise ValueError("SCAFFOLD state: the control variate's keys do not match the adapter's")
+        self.control = {k.removesuffix(_C): v.clone() for k, v in state.items()}
+
     def begin_aggregation(self, round_idx: int, survivors: int) -> None:
         self._survivors = survivors  # the Δc sum is over these (their weights renormalised) only
 

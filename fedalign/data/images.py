@@ -3,8 +3,10 @@
 SPA-VL's training split is 93k images (3.8 GB of parquet). A client must never hold its shard's images in
 memory, so a row carries an :class:`ImageRef` (a file path, or a row of a parquet file or of a
 memory-mapped hub dataset) and the image is decoded when its batch is collated. Every image is opened and
-verified once while the data is loaded, so a corrupt or missing image is reported with its row before the
-run starts rather than halfway through it.
+checked once while the data is loaded, so a corrupt, cut-short or missing image is reported with its row
+before the run starts rather than halfway through it. The check decodes nothing for the common formats (a
+PNG's chunk checksums are read to its end, a JPEG must end with its end-of-image marker); an image of any
+other format, or a JPEG that does not end so, is decoded once to find out.
 """
 
 from __future__ import annotations
@@ -24,14 +26,35 @@ def _open(data: bytes | str | Path) -> Image.Image:
     return Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
 
 
+_JPEG_END = b"\xff\xd9"
+
+
+def _tail(data: bytes | str | Path, size: int = 64) -> bytes:
+    if isinstance(data, bytes):
+        return data[-size:]
+    with open(data, "rb") as handle:
+        handle.seek(0, io.SEEK_END)
+        handle.seek(max(0, handle.tell() - size))
+        return handle.read()
+
+
 def verify_image(data: bytes | str | Path) -> None:
-    """Raise ``ValueError`` (with a short reason) unless ``data`` is a readable image; decodes nothing."""
+    """Raise ``ValueError`` (with a short reason) unless ``data`` is a whole, readable image.
+
+    PIL's ``verify`` checks a PNG to its last chunk but nothing of a JPEG, whose truncation only shows when
+    it is decoded (in the middle of a run). A JPEG that ends with its end-of-image marker is taken as whole;
+    any other image is decoded here once."""
     try:
         with _open(data) as image:
-            image.verify()
+            if image.format == "PNG":
+                image.verify()
+            elif image.format not in ("JPEG", "MPO") or not _tail(data).rstrip(b"\0").endswith(_JPEG_END):
+                image.load()
     except FileNotFoundError:
         raise ValueError("file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"too large to decode ({error})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as error:
         raise ValueError(f"not a readable image ({type(error).__name__}: {error})") from None
 
 
@@ -66,7 +89,7 @@ class ImageRef:
         try:
             with _open(self._raw()) as image:
                 return image.convert("RGB")
-        except (ValueError, OSError, UnidentifiedImageError) as error:
+        except (ValueError, OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
             raise DataError(f"image {self.describe()}: cannot be decoded ({error})") from None
 
 

@@ -161,7 +161,10 @@ def _split_shared_prompt(chosen: list[Message], rejected: list[Message]) -> tupl
 
 
 def _image_ref(value: Any, column: str, where: _Where) -> ImageRef:
-    data = image_bytes_or_path(value)
+    try:
+        data = image_bytes_or_path(value)
+    except ValueError as error:
+        raise ValueError(f"field {column!r} {error}") from None
     if data is None:
         raise ValueError(
             f"field {column!r} holds no image (need bytes or a path, got {type(value).__name__})"

@@ -6,6 +6,8 @@ local path) stops the run at once with one line that says how to point the recip
 
 from __future__ import annotations
 
+import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,8 @@ def check_model_reachable(section: ModelSection) -> None:
                 "point it at a folder written by save_pretrained or at a hub id"
             )
         check_model_files(folder, path)
+        if section.adapter is not None:
+            check_adapter_files(section.adapter)
         return
     reason = hub_unreachable_reason(path, "model", section.revision)
     if reason is not None:
@@ -50,13 +54,22 @@ def check_model_reachable(section: ModelSection) -> None:
         )
 
 
+_JSON_FILES = (
+    "config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "generation_config.json", "processor_config.json", "preprocessor_config.json", "chat_template.json",
+    "model.safetensors.index.json",
+)  # fmt: skip
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab.json", "vocab.txt", "spiece.model",
+    "sentencepiece.bpe.model",
+)  # fmt: skip
+
+
 def check_model_files(folder: Path, shown: str) -> None:
     """The folder's weights and tokenizer are whole: a weight file exists (single or sharded), every
-    safetensors header reads and its tensors fit in the file, and the JSON configs parse. Reads headers
-    only (milliseconds, whatever the model's size), so a truncated copy fails in one line before loading."""
-    import json
-    import struct
-
+    safetensors header reads and its tensors fit in the file, the JSON configs parse and the chat template
+    file is UTF-8. Reads headers only (milliseconds, whatever the model's size), so a truncated copy fails in
+    one line before loading."""
     shards = sorted(folder.glob("*.safetensors"))
     if not shards and not any(
         (folder / n).is_file() for n in ("pytorch_model.bin", "model.safetensors.index.json")
@@ -65,27 +78,66 @@ def check_model_files(folder: Path, shown: str) -> None:
             f"model.name_or_path: {shown!r} has no weights (no *.safetensors or pytorch_model.bin)"
         )
     for shard in shards:
-        size = shard.stat().st_size
+        check_safetensors(shard)
+    for name in _JSON_FILES:
+        _check_json(folder / name)
+    template = folder / "chat_template.jinja"
+    if template.is_file():
+        raw = template.read_bytes()
         try:
-            with shard.open("rb") as handle:
-                (length,) = struct.unpack("<Q", handle.read(8))
-                if 8 + length > size:
-                    raise ValueError("header longer than the file")
-                header = json.loads(handle.read(length))
-            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-        except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError):
-            raise ModelError(f"{shard}: not a readable safetensors file (truncated or damaged)") from None
-        if 8 + length + end > size:
-            raise ModelError(f"{shard}: truncated ({size} bytes, its header promises {8 + length + end})")
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        file = folder / name
-        if file.is_file():
-            try:
-                json.loads(file.read_text(encoding="utf-8"))
-            except (ValueError, UnicodeDecodeError) as error:
-                raise ModelError(
-                    f"{file}: not valid JSON ({str(error)[:80]}); the copy may be truncated"
-                ) from None
+            raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            line = raw[: error.start].count(b"\n") + 1
+            byte = raw[error.start]
+            raise ModelError(f"{template}: line {line}: not UTF-8 text (byte {byte:#04x})") from None
+
+
+def _check_json(file: Path, key: str = "") -> None:
+    """``file``, if there, parses as JSON; a failure names it (``key: `` first when given)."""
+    if file.is_file():
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ModelError(
+                f"{key}{file}: not valid JSON ({str(error)[:80]}); the copy may be truncated"
+            ) from None
+
+
+def check_safetensors(file: Path, key: str = "") -> None:
+    """The safetensors header of ``file`` reads and its tensors fit in the file (reads the header only)."""
+    size = file.stat().st_size
+    try:
+        with file.open("rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if 8 + length > size:
+                raise ValueError("header longer than the file")
+            header = json.loads(handle.read(length))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        raise ModelError(f"{key}{file}: not a readable safetensors file (truncated or damaged)") from None
+    if 8 + length + end > size:
+        raise ModelError(f"{key}{file}: truncated ({size} bytes, its header promises {8 + length + end})")
+
+
+def check_adapter_files(adapter: str, key: str = "model.adapter") -> Path:
+    """The PEFT adapter folder ``adapter`` is whole: a parsable adapter_config.json and weights whose
+    header reads. Checked before the base model loads, so a wrong path or a damaged copy fails first."""
+    folder = Path(adapter).expanduser()
+    config = folder / "adapter_config.json"
+    if not config.is_file():
+        raise ModelError(
+            f"{key}: {adapter!r} is not a PEFT adapter folder (no adapter_config.json there); "
+            "point it at a run's adapter/ folder"
+        )
+    _check_json(config, f"{key}: ")
+    weights = folder / "adapter_model.safetensors"
+    if weights.is_file():
+        check_safetensors(weights, f"{key}: ")
+    elif not (folder / "adapter_model.bin").is_file():
+        raise ModelError(
+            f"{key}: {adapter!r} has no adapter weights (no adapter_model.safetensors or adapter_model.bin)"
+        )
+    return folder
 
 
 @dataclass
@@ -110,6 +162,29 @@ def is_vision_language(section: ModelSection) -> bool:
     return getattr(config, "vision_config", None) is not None
 
 
+# What transformers raises for a tokenizer or processor it cannot build from the files it found.
+_LOADING_ERRORS = (OSError, ValueError, TypeError, KeyError, AttributeError, ImportError)
+
+
+def _tokenizer_error(section: ModelSection, error: Exception, what: str) -> ModelError:
+    path = section.name_or_path
+    folder = Path(path).expanduser()
+    if folder.is_dir() and not any((folder / n).is_file() for n in _TOKENIZER_FILES):
+        return ModelError(
+            f"model.name_or_path: {path!r} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); "
+            "copy the model's tokenizer files into it"
+        )
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    kind = type(error).__name__
+    return ModelError(f"model.name_or_path: {path!r}: cannot load its {what} ({kind}: {first})")
+
+
+def _own_template(section: ModelSection) -> str:
+    """Where the model's own chat template comes from, for an error message."""
+    file = Path(section.name_or_path).expanduser() / "chat_template.jinja"
+    return str(file) if file.is_file() else f"the chat template of {section.name_or_path!r}"
+
+
 def load_processor(section: ModelSection):
     """A vision-language model's processor (image processor + tokenizer), with a chat template and pad token.
 
@@ -118,11 +193,15 @@ def load_processor(section: ModelSection):
     """
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(section.name_or_path, revision=section.revision)
-    if section.chat_template is not None or processor.chat_template is None:
-        processor.chat_template = resolve_chat_template(
-            section.chat_template, processor.chat_template or processor.tokenizer.chat_template
-        )
+    try:
+        processor = AutoProcessor.from_pretrained(section.name_or_path, revision=section.revision)
+    except _LOADING_ERRORS as error:
+        raise _tokenizer_error(section, error, "processor") from None
+    processor.chat_template = resolve_chat_template(
+        section.chat_template,
+        processor.chat_template or processor.tokenizer.chat_template,
+        _own_template(section),
+    )
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
     return processor
@@ -131,8 +210,13 @@ def load_processor(section: ModelSection):
 def load_tokenizer(section: ModelSection):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(section.name_or_path, revision=section.revision)
-    tokenizer.chat_template = resolve_chat_template(section.chat_template, tokenizer.chat_template)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(section.name_or_path, revision=section.revision)
+    except _LOADING_ERRORS as error:
+        raise _tokenizer_error(section, error, "tokenizer") from None
+    tokenizer.chat_template = resolve_chat_template(
+        section.chat_template, tokenizer.chat_template, _own_template(section)
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -159,12 +243,7 @@ def merge_adapter(base, adapter: str):
     The merged model is what the new adapter trains on and, with adapters disabled, DPO's reference: the
     SFT policy, not the raw base. The adapter is read before anything else so a wrong path fails first.
     """
-    folder = Path(adapter).expanduser()
-    if not (folder / "adapter_config.json").is_file():
-        raise ModelError(
-            f"model.adapter: {adapter!r} is not a PEFT adapter folder (no adapter_config.json there); "
-            "point it at a run's adapter/ folder"
-        )
+    folder = check_adapter_files(adapter)
     check_adapter_fits(base, folder, "model.adapter")
     try:
         return PeftModel.from_pretrained(base, str(folder)).merge_and_unload()

@@ -53,9 +53,14 @@ KPMATH = (
 BUILTIN = {"alpaca": ALPACA, "chatml": CHATML, "kpmath": KPMATH}
 
 
-def resolve_chat_template(choice: str | None, existing: str | None) -> str:
-    """The template a run uses: the recipe's choice, else the tokenizer's own, else Alpaca."""
+def resolve_chat_template(
+    choice: str | None, existing: str | None, source: str = "the model's own template"
+) -> str:
+    """The template a run uses: the recipe's choice, else the tokenizer's own (from ``source``, checked to
+    compile), else Alpaca."""
     if choice is None:
+        if isinstance(existing, str) and existing:
+            check_template_compiles(existing, source, "model.name_or_path")
         return existing or ALPACA
     if choice in BUILTIN:
         return BUILTIN[choice]
@@ -73,7 +78,7 @@ def resolve_chat_template(choice: str | None, existing: str | None) -> str:
     )
 
 
-def check_template_compiles(text: str, where: str) -> None:
+def check_template_compiles(text: str, where: str, key: str = "model.chat_template") -> None:
     """Compile the template as transformers will (its sandbox and ``{% generation %}`` tag), so a syntax
     error is one line naming the file and line, not a traceback at the first batch."""
     from jinja2 import TemplateSyntaxError
@@ -82,4 +87,4 @@ def check_template_compiles(text: str, where: str) -> None:
     try:
         _compile_jinja_template(text)
     except TemplateSyntaxError as error:
-        raise ModelError(f"model.chat_template: {where}: line {error.lineno}: {error.message}") from None
+        raise ModelError(f"{key}: {where}: line {error.lineno}: {error.message}") from None

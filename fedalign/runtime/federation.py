@@ -32,19 +32,18 @@ from fedalign.algorithms.base import (
     ClientState,
     GradientTerm,
     Tensors,
+    low_rank_delta,
     payload_bytes,
     select,
-    weighted_sum,
 )
 from fedalign.errors import FedalignError, TrainingDiverged
 from fedalign.models.adapter import AdapterSlots
-from fedalign.privacy.client_level import ClientLevelDP, clip_update
-from fedalign.privacy.example_level import ExampleLevelDP
-from fedalign.privacy.randomness import RunSecrets, SecretRandomness
+from fedalign.privacy.mechanism import Cohort, NoPrivacy
+from fedalign.privacy.randomness import SecretRandomness
 from fedalign.recipe import FederationSection
 from fedalign.runtime.faults import ClientFailure, FaultInjector, RoundFailed, non_finite, poison
 from fedalign.runtime.metrics import MetricsLog, PeakMemory
-from fedalign.runtime.state import ClientStateStore
+from fedalign.runtime.state import BaseMoves, ClientStateStore, RoundState
 
 
 class LocalTrainer(Protocol):
@@ -82,48 +81,6 @@ class Visit:
     update_norm: float | None = None  # before clipping, under client-level DP
 
 
-@dataclass
-class Cohort:
-    """The clients of one round and, under example/pair-level DP, how many had no budget left for it."""
-
-    clients: list[int]
-    out_of_budget: int = 0
-
-
-class CohortSelector:
-    """The *select clients* point of a round.
-
-    - no DP: ``clients_per_round`` of all clients, from the public seed's generator (checkpointed);
-    - client-level DP: the privacy mechanism's own cohort (Poisson or fixed size, from the server secret);
-    - example/pair-level DP: ``clients_per_round`` of the clients whose next visit stays within the
-      budget, from the public generator (which clients visit is not what that DP protects). Sampling among
-      them, rather than dropping the exhausted ones from a cohort drawn from everyone, keeps cohorts full
-      and never yields an empty round while anyone has budget (the FedASK recipe's 800 rounds hit such a
-      round in 98.8% of simulated runs when exhausted clients were dropped).
-    """
-
-    def __init__(
-        self,
-        federation: FederationSection,
-        seed: int,
-        client_dp: ClientLevelDP | None = None,
-        example_dp: ExampleLevelDP | None = None,
-    ) -> None:
-        self.cfg, self.client_dp, self.example_dp = federation, client_dp, example_dp
-        self.sampler = np.random.default_rng(np.random.SeedSequence([seed, 1]))
-
-    def select(self, round_idx: int) -> Cohort:
-        if self.client_dp is not None:
-            return Cohort(self.client_dp.sample(round_idx))
-        if self.example_dp is None:
-            chosen = self.sampler.choice(self.cfg.num_clients, size=self.cfg.clients_per_round, replace=False)
-            return Cohort(sorted(int(c) for c in chosen))
-        eligible = self.example_dp.clients_with_budget()
-        size = min(self.cfg.clients_per_round, len(eligible))
-        chosen = self.sampler.choice(np.asarray(eligible, dtype=np.int64), size=size, replace=False)
-        return Cohort(sorted(int(c) for c in chosen), self.cfg.num_clients - len(eligible))
-
-
 def _mean_loss(visits: list[Visit]) -> float | None:
     """Clients' mean losses weighted by the examples they saw (None when no client produced a loss)."""
     scored = [v for v in visits if v.result.mean_loss is not None and v.result.examples]
@@ -135,6 +92,14 @@ def _mean_loss(visits: list[Visit]) -> float | None:
 
 
 class Federation:
+    """The round: the algorithm, the privacy mechanism and local training, over one model in this process.
+
+    Its state between rounds is explicit (:meth:`state` / :meth:`restore`, a :class:`RoundState`): the
+    global adapter, the algorithm's server state, the public sampler, the failed-round count and the
+    mechanism's ledgers; clients' own state is on disk (:class:`ClientStateStore`) and so is the moved
+    base of algorithms that move it (:class:`BaseMoves`).
+    """
+
     def __init__(
         self,
         algorithm: Algorithm,
@@ -148,31 +113,64 @@ class Federation:
         seed: int,
         persist_optimizer: bool,
         device: torch.device,
-        client_dp: ClientLevelDP | None = None,
-        example_dp: ExampleLevelDP | None = None,
-        secrets: RunSecrets | None = None,
+        privacy: NoPrivacy | None = None,
         faults: FaultInjector | None = None,
+        base_moves: BaseMoves | None = None,
     ) -> None:
         self.algorithm, self.slots, self.trainer = algorithm, slots, trainer
+        self.privacy = privacy or NoPrivacy(federation)
         self.faults = faults or FaultInjector()
+        self.base_moves = base_moves
         self.failed_in_a_row = 0
         self.last_client_error: BaseException | None = None  # chained to a failed run (--debug shows it)
         self.client_rows, self.cfg, self.store, self.metrics = client_rows, federation, store, metrics
         self.seed, self.persist_optimizer, self.device = seed, persist_optimizer, device
-        self.selector = CohortSelector(federation, seed, client_dp, example_dp)
-        self.client_dp, self.example_dp, self.secrets = client_dp, example_dp, secrets
-        if example_dp is not None and secrets is None:
-            raise ValueError("example/pair-level DP needs each client's secret randomness")
+        # client sampling outside client-level DP: from the public seed, its state in every checkpoint
+        self.sampler = np.random.default_rng(np.random.SeedSequence([seed, 1]))
         self.memory = PeakMemory(device)
-        self.epsilon: float | None = None
+
+    # -- run state ---------------------------------------------------------------------------------------
+
+    def state(self, rounds_done: int, glob: Tensors) -> RoundState:
+        return RoundState(
+            rounds_done=rounds_done,
+            glob=glob,
+            algorithm=self.algorithm.state_dict(),
+            sampler=self.sampler.bit_generator.state,
+            failed_in_a_row=self.failed_in_a_row,
+            privacy=self.privacy.state_dict(),
+        )
+
+    def restore(self, state: RoundState) -> Tensors:
+        """Continue from ``state`` (after the algorithm's :meth:`init_global`); returns the global adapter."""
+        self.algorithm.load_state_dict(state.algorithm)
+        self.sampler.bit_generator.state = state.sampler
+        self.failed_in_a_row = state.failed_in_a_row
+        self.privacy.load_state_dict(state.privacy)
+        self.store.rollback(state.rounds_done)
+        # the algorithm's state, the sampler and the ledgers above; the clients' files and the base below
+        if self.base_moves is not None:  # rebuild the moved base, round by round, as the run moved it
+            for update in self.base_moves.replay(state.rounds_done):
+                self.slots.add_to_base(low_rank_delta(update))
+        return state.glob
+
+    def restart(self) -> None:
+        """A resume with no checkpoint left: the run's start again (no client state, no base moves)."""
+        self.store.rollback(0)
+        if self.base_moves is not None:
+            list(self.base_moves.replay(0))
+
+    # -- the round ---------------------------------------------------------------------------------------
 
     def _weights(self, clients: list[int]) -> list[float]:
         if not clients:
             return []
         if self.cfg.weighting == "uniform":
-            return [1.0 / len(clients)] * len(clients)
-        sizes = [len(self.client_rows[c]) for c in clients]
-        return [n / sum(sizes) for n in sizes]
+            by_size = [1.0 / len(clients)] * len(clients)
+        else:
+            sizes = [len(self.client_rows[c]) for c in clients]
+            by_size = [n / sum(sizes) for n in sizes]
+        return self.privacy.weights(clients, by_size)
 
     def _local_training(self, client: int, round_idx: int, received: Tensors, weight: float) -> Visit:
         """The client side of a round up to its first upload: load state, start adapter, train K steps."""
@@ -183,11 +181,7 @@ class Federation:
         self.slots.set_trainable(self.algorithm.trainable(round_idx))
         seed = visit_seed(self.seed, client, round_idx)
         torch.manual_seed(seed)  # dropout inside the visit
-        rate, secret = None, None
-        if self.example_dp is not None:
-            assert self.secrets is not None
-            rate = self.example_dp.sample_rates[client]
-            secret = self.secrets.client(client).child("visit", round_idx)
+        rate, secret = self.privacy.visit(client, round_idx)
         term = self.algorithm.gradient_term(round_idx, received, state)
         result = self.trainer.train(
             self.client_rows[client],
@@ -201,8 +195,7 @@ class Federation:
         if self.persist_optimizer:
             state.optimizer = result.optimizer_state
         visit = Visit(client, weight, self.slots.read(), state, result, bytes_down=payload_bytes(received))
-        if self.example_dp is not None:
-            self.example_dp.record_visit(client, result.steps)
+        self.privacy.after_visit(client, result.steps)
         visit.wall_s = time.perf_counter() - started
         visit.peak_mib = self.memory.read()
         return visit
@@ -220,31 +213,26 @@ class Federation:
         """One round: returns the new global adapter and the visits (for metrics)."""
         started = time.perf_counter()
         self.memory.reset()
-        cohort = self.selector.select(round_idx)
+        cohort = self.privacy.select(round_idx, self.sampler)
         clients = cohort.clients
         received = self.algorithm.broadcast(round_idx, glob)
-        weights = [1.0] * len(clients) if self.client_dp is not None else self._weights(clients)
-        visits, dropped = self._visits(round_idx, clients, weights, received)
+        visits, dropped = self._visits(round_idx, clients, self._weights(clients), received)
         diverged = [r for _, r in dropped if r.startswith("non-finite") and "injected" not in r]
         if clients and not visits and len(diverged) == len(dropped) > 0:
             raise TrainingDiverged(
                 f"round {round_idx + 1}: every client's update has NaN or infinite values ({diverged[0]}); "
                 "nothing from this round is saved. Lower train.learning_rate, or set train.max_grad_norm"
             )
-        if self.client_dp is None and dropped and len(visits) < min(self.cfg.min_clients, len(clients)):
+        if self.privacy.renormalises and dropped and len(visits) < min(self.cfg.min_clients, len(clients)):
             return glob, self._failed_round(round_idx, cohort, clients, visits, dropped, started)
         self.failed_in_a_row = 0
-        if dropped and self.client_dp is None:  # the survivors' weights sum to one again
+        if dropped and self.privacy.renormalises:  # the survivors' weights sum to one again
             for visit, weight in zip(visits, self._weights([v.client for v in visits]), strict=True):
                 visit.weight = weight
-        aggregated = True
-        self.algorithm.begin_aggregation(round_idx, len(visits))
-        if self.client_dp is not None:  # noise is released even for an empty cohort
-            glob = self._private_aggregate(round_idx, received, glob, visits)
-        elif visits:
-            glob = self._aggregate(round_idx, glob, visits)
-        else:  # nobody to train: the global adapter stays as it is
-            aggregated = False
+        aggregated = bool(visits) or self.privacy.releases_empty_rounds
+        if aggregated:
+            self.algorithm.begin_aggregation(round_idx, len(visits))
+            glob = self._aggregate(round_idx, received, glob, visits)
         bad = non_finite(glob) if aggregated else None
         base_update = self.algorithm.take_base_update() if aggregated and self.algorithm.moves_base else None
         bad = bad or (non_finite(base_update) if base_update is not None else None)
@@ -254,7 +242,9 @@ class Federation:
                 "from this round is saved. Lower train.learning_rate, or set train.max_grad_norm"
             )
         if base_update is not None:  # one shared base here; remote clients apply it too
-            self.slots.add_to_base(base_update)
+            if self.base_moves is not None:
+                self.base_moves.save(round_idx + 1, base_update)
+            self.slots.add_to_base(low_rank_delta(base_update))
         for visit in visits:
             visit.state = self.algorithm.local_end(round_idx, visit.trained, visit.state)
             self.store.save(visit.client, visit.state)
@@ -333,16 +323,20 @@ class Federation:
                 {"type": "client_dropped", "round": round_idx + 1, "client": client, "reason": reason}
             )
 
-    def _aggregate(self, round_idx: int, glob: Tensors, visits: list[Visit]) -> Tensors:
-        """Every stage: uploads, their weighted sum, the server step (a reply, or the new global adapter)."""
+    def _aggregate(self, round_idx: int, received: Tensors, glob: Tensors, visits: list[Visit]) -> Tensors:
+        """Every stage: each client's upload (through the mechanism's client-side step), the server-side
+        sum, the server step (a reply, or the new global adapter)."""
         reply: Tensors = {}
+        start = select(received, self.algorithm.uploaded_factors(round_idx))
         for stage in range(self.algorithm.num_stages):
             uploads = []
             for visit in visits:
                 upload = self.algorithm.client_upload(stage, round_idx, visit.trained, reply, visit.state)
+                upload, norm = self.privacy.client_transform(upload, start)
+                visit.update_norm = norm if norm is not None else visit.update_norm
                 visit.bytes_up += payload_bytes(upload)
                 uploads.append(upload)
-            summed = weighted_sum(uploads, [v.weight for v in visits])
+            summed = self.privacy.server_sum(round_idx, uploads, [v.weight for v in visits], start)
             del uploads
             result = self.algorithm.server_step(stage, round_idx, summed, glob)
             if stage < self.algorithm.num_stages - 1:
@@ -353,26 +347,6 @@ class Federation:
                 glob = result
         return glob
 
-    def _private_aggregate(
-        self, round_idx: int, received: Tensors, glob: Tensors, visits: list[Visit]
-    ) -> Tensors:
-        """DP-FedAvg: clients upload clipped updates; the server noises their sum, divides by E[cohort]."""
-        assert self.client_dp is not None
-        updates = []
-        for visit in visits:
-            upload = self.algorithm.client_upload(0, round_idx, visit.trained, {}, visit.state)
-            update, visit.update_norm = clip_update(upload, received, self.client_dp.cfg.clip_norm)
-            visit.bytes_up += payload_bytes(update)
-            updates.append(update)
-        uploaded = select(received, self.algorithm.uploaded_factors(round_idx))
-        mean_update = self.client_dp.noisy_mean(
-            round_idx, weighted_sum(updates, [1.0] * len(updates)), uploaded
-        )
-        self.epsilon = self.client_dp.record_round()
-        return self.algorithm.server_step(
-            0, round_idx, {k: received[k] + v for k, v in mean_update.items()}, glob
-        )
-
     def _log(
         self,
         round_idx: int,
@@ -382,7 +356,8 @@ class Federation:
         peak: float,
         dropped: list[tuple[int, str]] = (),  # type: ignore[assignment]
     ) -> None:
-        """Client-private records for every visit and the round; the public round record, DP-safe only."""
+        """Client-private records for every visit and the round; the public round record, DP-safe only
+        (what of it may be published is the mechanism's call)."""
         memory = self.memory.field
         for v in visits:
             self.metrics.write_private(
@@ -401,8 +376,7 @@ class Federation:
                     "bytes_down": v.bytes_down,
                     "wall_s": round(v.wall_s, 4),
                     memory: round(v.peak_mib, 1),
-                    **({} if v.update_norm is None else {"update_norm": v.update_norm}),
-                    **self._example_privacy_of(v),
+                    **self.privacy.client_record(v),
                 }
             )
         self.metrics.write_private(
@@ -418,51 +392,15 @@ class Federation:
                 memory: round(peak, 1),
             }
         )
-        public: dict[str, Any] = {"type": "round", "round": round_idx + 1}
-        if self.client_dp is None:  # under client-level DP who took part (even how many) is secret
-            public |= {
-                "clients": [v.client for v in visits],
-                "bytes_up": sum(v.bytes_up for v in visits),
-                "bytes_down": sum(v.bytes_down for v in visits),
-            }
-        else:
-            public["epsilon"] = self.epsilon
-        if self.client_dp is None and self.example_dp is None:  # under DP, timing follows the secret draws
-            public["wall_s"] = round(wall_s, 4)
-            if dropped:  # under DP which client failed, and why, follows its data: client-private
-                public["dropped"] = [{"client": c, "reason": r} for c, r in dropped]
-        if self.example_dp is not None:
-            public |= {
-                "epsilon_max": self.example_dp.max_epsilon(),
-                "out_of_budget": cohort.out_of_budget,
-                "cohort_short": len(visits) < self.cfg.clients_per_round,
-            }
-        if not visits and self.client_dp is None:
+        public: dict[str, Any] = {
+            "type": "round",
+            "round": round_idx + 1,
+            **self.privacy.public_round(visits, cohort, dropped, wall_s),
+        }
+        if not visits and not self.privacy.releases_empty_rounds:
             public["skipped"] = (
                 f"fewer than federation.min_clients={self.cfg.min_clients} clients survived"
                 if dropped
                 else "no client to train"
             )
         self.metrics.write(public)
-
-    def _example_privacy_of(self, visit: Visit) -> dict[str, Any]:
-        if self.example_dp is None:
-            return {}
-        return {
-            "epsilon": self.example_dp.epsilon(visit.client),
-            "sample_rate": self.example_dp.sample_rates[visit.client],
-            "empty_draws": visit.result.steps - len(visit.result.losses),
-        }
-
-    def server_state(self, round_idx: int) -> dict[str, Any]:
-        """What a checkpoint needs besides the global adapter to continue this run exactly, and may publish
-        (the sampler follows from the public seed)."""
-        return {"round": round_idx + 1, "sampler": self.selector.sampler.bit_generator.state}
-
-    def private_state(self) -> dict[str, Any] | None:
-        """The privacy ledgers (each client's reveals its row count through its sampling rate)."""
-        if self.client_dp is not None:
-            return {"privacy_ledger": self.client_dp.ledger.to_json()}
-        if self.example_dp is not None:
-            return {"privacy_ledgers": self.example_dp.to_json()}
-        return None

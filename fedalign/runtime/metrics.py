@@ -118,6 +118,31 @@ class MetricsLog:
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
         self._private = os.fdopen(os.open(private_path, flags, 0o600), "a")
 
+    @classmethod
+    def resume(cls, path: Path, private_path: Path, unit: str, rounds_done: int) -> MetricsLog:
+        """The logs of a run resumed after ``rounds_done`` rounds: records of later rounds (which the resumed
+        run writes again), summaries and a torn last line are dropped, then both files are appended to.
+        ``rounds_done < 0`` empties them (the run restarts from its beginning)."""
+        from fedalign.runtime.state import write_text_atomic
+
+        kept: dict[Path, list[dict[str, Any]]] = {}
+        for file, private in ((path, False), (private_path, True)):
+            records = []
+            lines = file.read_text(encoding="utf-8", errors="replace").splitlines() if file.is_file() else []
+            for line in lines:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a line torn by the kill
+                if record.get("type") == "summary" or record.get("round", 0) > rounds_done or rounds_done < 0:
+                    continue
+                records.append(record)
+            write_text_atomic("".join(json.dumps(r) + "\n" for r in records), file, private=private)
+            kept[file] = records
+        log = cls(path, private_path, unit)
+        log.records, log.private_records = kept[path], kept[private_path]
+        return log
+
     def write(self, record: dict[str, Any]) -> None:
         """A record anyone holding the run's outputs may read (only :func:`public_fields`)."""
         allowed = self.public_fields.get(record["type"])

@@ -8,8 +8,10 @@ directory is created, so a refused run leaves nothing behind. The run directory 
 - ``recipe.yaml`` (resolved, overrides applied) and ``versions.json``;
 - ``partition.json`` (client -> row ids, plus rows dropped by truncation or skipped as bad, and why);
 - ``metrics.jsonl`` (see :mod:`fedalign.runtime.metrics`) and ``loss.png``;
-- ``checkpoints/round-NNNNN/`` (global adapter in safetensors + server state), ``clients/`` (idle
-  clients' state);
+- ``run.json``: the run-state format version, the task, and every resume;
+- ``checkpoints/round-NNNNN/`` (global adapter, the algorithm's server state, the sampler, a manifest of
+  digests; see :mod:`fedalign.runtime.state`), ``checkpoints/base_moves/`` (FRLoRA), ``clients/`` (idle
+  clients' state, snapshotted per checkpoint);
 - ``private/`` (owner-only): the DP keys, client-private metrics and the privacy ledgers (see
   :mod:`fedalign.runtime.metrics` for what is public and what is not);
 - ``adapter/``: the final adapter as a standard PEFT folder, with the tokenizer (or processor) and its
@@ -36,8 +38,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import save_file
 
 from fedalign import algorithms
+from fedalign.algorithms.base import Tensors
 from fedalign.data.partition import make_partition
-from fedalign.errors import DataError, RecipeError, RunInterrupted
+from fedalign.errors import DataError, RecipeError, RunNotResumable
 from fedalign.models.adapter import AdapterSlots
 from fedalign.models.loading import (
     LoadedModel,
@@ -46,10 +49,12 @@ from fedalign.models.loading import (
     load_model,
     resolve_device,
 )
+from fedalign.privacy.mechanism import ClientLevel, ExampleLevel, NoPrivacy
 from fedalign.privacy.randomness import RunSecrets, make_private_dir
 from fedalign.recipe import Recipe
 from fedalign.runtime.faults import FaultInjector
 from fedalign.runtime.federation import Federation
+from fedalign.runtime.loop import Schedule, kill_point, run_rounds
 from fedalign.runtime.metrics import CLIENT_METRICS, PRIVATE_DIR, MetricsLog
 from fedalign.runtime.privacy_plan import (
     bind_secrets,
@@ -59,7 +64,17 @@ from fedalign.runtime.privacy_plan import (
     secrets_for,
 )
 from fedalign.runtime.report import plot_losses, print_summary
-from fedalign.runtime.state import ClientStateStore, save_checkpoint, write_text_atomic
+from fedalign.runtime.state import (
+    BASE_MOVES,
+    CHECKPOINTS,
+    FORMAT_VERSION,
+    RUN_INFO,
+    BaseMoves,
+    ClientStateStore,
+    RoundState,
+    save_checkpoint,
+    write_text_atomic,
+)
 
 _PACKAGES = ("fedalign", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "safetensors")
 
@@ -175,6 +190,8 @@ def _save_adapter(
         save_file(names, staging / RESIDUAL_BASE)
     if start_adapter is not None:
         shutil.copytree(Path(start_adapter).expanduser(), staging / START_ADAPTER)
+    if final.exists():  # a finished run extended by a resume
+        shutil.rmtree(final)
     os.replace(staging, final)
     return final
 
@@ -189,24 +206,72 @@ def run_context(recipe: Recipe) -> algorithms.RunContext:
     )
 
 
-def _progress_line(metrics: MetricsLog, recipe: Recipe, round_idx: int) -> str:
+@dataclass
+class ResumePoint:
+    """Where a resumed run continues: its directory, the state of its last complete checkpoint, and the
+    schedule (rounds, checkpointing, evaluation) it continues with."""
+
+    run_dir: Path
+    state: RoundState
+    schedule: Schedule
+    overrides: list[str] = field(default_factory=list)
+
+
+def _mechanism(recipe: Recipe, client_dp, example_dp, secrets) -> NoPrivacy:
+    if client_dp is not None:
+        return ClientLevel(recipe.federation, client_dp)
+    if example_dp is not None:
+        return ExampleLevel(recipe.federation, example_dp, secrets)
+    return NoPrivacy(recipe.federation)
+
+
+def _start_run_dir(recipe: Recipe, task: Task, manifest: dict[str, Any], secrets: RunSecrets | None) -> Path:
+    run_dir = new_run_dir(recipe)
+    private_dir = make_private_dir(run_dir / PRIVATE_DIR)
+    if secrets is not None:
+        secrets.save(private_dir)
+    write_text_atomic(recipe.resolved_yaml(), run_dir / "recipe.yaml")
+    write_text_atomic(json.dumps(package_versions(), indent=1), run_dir / "versions.json")
+    info = {"format_version": FORMAT_VERSION, "task": task.name, "resumes": []}
+    write_text_atomic(json.dumps(info, indent=1), run_dir / RUN_INFO)
+    write_text_atomic(json.dumps(manifest), run_dir / "partition.json")
+    return run_dir
+
+
+def _check_same_partition(run_dir: Path, manifest: dict[str, Any]) -> None:
+    """A resumed run must see the data it started with: same rows, same clients."""
+    recorded = json.loads((run_dir / "partition.json").read_text())
+    if recorded.get("clients") != json.loads(json.dumps(manifest["clients"])):
+        raise RunNotResumable(
+            f"{run_dir}: the data no longer partitions as when the run started (partition.json differs); "
+            "a resume needs the same data files as the run's recipe.yaml names"
+        )
+
+
+def _progress_line(metrics: MetricsLog, privacy: NoPrivacy, round_idx: int) -> str:
     """The progress bar's text: the clients' mean loss, or under DP (where it is client-private) ε."""
-    if not recipe.privacy.enabled:
-        loss = metrics.of_type("round", private=True)[-1]["loss"]
-        return f"round {round_idx + 1} loss {'-' if loss is None else f'{loss:.4f}'}"
-    last = metrics.of_type("round")[-1]
-    epsilon = last.get("epsilon", last.get("epsilon_max"))
-    return f"round {round_idx + 1} ε {epsilon:.3f}"
+    shown = privacy.progress(metrics.of_type("round")[-1])
+    if shown is not None:
+        return f"round {round_idx} {shown}"
+    loss = metrics.of_type("round", private=True)[-1]["loss"]
+    return f"round {round_idx} loss {'-' if loss is None else f'{loss:.4f}'}"
 
 
 def run_federated(
-    recipe: Recipe, task: Task, console: Console | None = None, secrets: RunSecrets | None = None
+    recipe: Recipe,
+    task: Task,
+    console: Console | None = None,
+    secrets: RunSecrets | None = None,
+    resume: ResumePoint | None = None,
 ) -> RunResult:
     """Run ``recipe`` to its end. ``secrets``: the keys of an earlier DP run's private/ folder, to replay it
-    exactly (its noise and sampling); by default a DP run draws fresh keys."""
+    exactly (its noise and sampling); by default a DP run draws fresh keys. ``resume``: continue the run
+    in ``resume.run_dir`` from its checkpoint (``recipe`` and ``secrets`` are then that run's own)."""
     console = console or Console()
     started = time.perf_counter()
-    check_output_dir(recipe.output_dir)
+    schedule = resume.schedule if resume is not None else Schedule.of(recipe)
+    if resume is None:
+        check_output_dir(recipe.output_dir)
     algorithm = algorithms.build(recipe.algorithm, run_context(recipe))
     secrets = secrets_for(recipe, secrets)
     client_dp = client_privacy(recipe, algorithm, task.name, task.privacy_units, secrets)
@@ -223,7 +288,6 @@ def run_federated(
     loaded = load_model(recipe.model, recipe.lora, recipe.seed, device)
     setup = task.build(recipe, loaded, console)
     trainer = setup.trainer
-    dropped = set(trainer.dropped_rows)
     if not setup.kept:
         raise DataError(
             f"train.max_length={recipe.train.max_length} leaves no training row with a completion"
@@ -235,16 +299,9 @@ def run_federated(
 
     manifest = partition.to_manifest()
     bind_secrets(secrets, manifest)
-
-    run_dir = new_run_dir(recipe)
-    private_dir = make_private_dir(run_dir / PRIVATE_DIR)
-    if secrets is not None:
-        secrets.save(private_dir)
-    write_text_atomic(recipe.resolved_yaml(), run_dir / "recipe.yaml")
-    write_text_atomic(json.dumps(package_versions(), indent=1), run_dir / "versions.json")
     manifest["dropped_rows"] = {
         "reason": "no completion token within train.max_length",
-        "rows": sorted(dropped),
+        "rows": sorted(set(trainer.dropped_rows)),
     }
     manifest["truncated_rows"] = {
         "reason": "completion cut by train.max_length: no end-of-sequence token (trained, counted)",
@@ -252,25 +309,39 @@ def run_federated(
     }
     manifest["eval_rows"] = setup.eval_ids
     manifest.update(setup.manifest)
-    write_text_atomic(json.dumps(manifest), run_dir / "partition.json")
+    if resume is None:
+        run_dir = _start_run_dir(recipe, task, manifest, secrets)
+    else:
+        run_dir = resume.run_dir
+        _check_same_partition(run_dir, manifest)
+        info = json.loads((run_dir / RUN_INFO).read_text())
+        info["resumes"].append({"from_round": resume.state.rounds_done, "overrides": resume.overrides})
+        write_text_atomic(json.dumps(info, indent=1), run_dir / RUN_INFO)
+    private_dir = run_dir / PRIVATE_DIR
 
     slots = AdapterSlots(trainer.model)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", private_dir / CLIENT_METRICS, recipe.privacy.unit)
+    privacy = _mechanism(recipe, client_dp, example_dp, secrets)
+    metrics_paths = (run_dir / "metrics.jsonl", private_dir / CLIENT_METRICS)
+    start = 0 if resume is None else resume.state.rounds_done
+    if resume is None:
+        metrics = MetricsLog(*metrics_paths, recipe.privacy.unit)
+    else:  # from round 0 (no checkpoint survived) the logs start over, as the run does
+        metrics = MetricsLog.resume(*metrics_paths, recipe.privacy.unit, start if start else -1)
+    store = ClientStateStore(run_dir / "clients")
     federation = Federation(
         algorithm,
         slots,
         trainer,
         [trainer.rows(ids) for ids in partition.clients],
         recipe.federation,
-        ClientStateStore(run_dir / "clients"),
+        store,
         metrics,
         seed=recipe.seed,
         persist_optimizer=recipe.train.optimizer_state == "persist",
         device=device,
-        client_dp=client_dp,
-        example_dp=example_dp,
-        secrets=secrets,
+        privacy=privacy,
         faults=FaultInjector(**recipe.faults.model_dump()),
+        base_moves=BaseMoves(run_dir / CHECKPOINTS / BASE_MOVES) if algorithm.moves_base else None,
     )
     initial = slots.read()
     if algorithm.moves_base:
@@ -278,90 +349,66 @@ def run_federated(
         slots.add_to_base(base_change)
         slots.write(initial)
     glob = algorithm.init_global(initial)
-    rounds = recipe.federation.rounds
+    if start:
+        glob = federation.restore(resume.state)  # type: ignore[union-attr]
+    elif resume is not None:
+        federation.restart()
 
-    def evaluate(round_idx: int) -> dict[str, float]:
+    def evaluate(round_idx: int, adapter: Tensors) -> dict[str, float]:
         if setup.evaluate is None:
             return {}
-        slots.write(glob)
+        slots.write(adapter)
         measured = setup.evaluate(round_idx, run_dir)
         metrics.write({"type": "eval", "round": round_idx, **measured})
         return measured
 
     note = guarantee_note(recipe)
-    plan = {
-        "type": "privacy",
-        "unit": recipe.privacy.unit,
-        "accountant": recipe.privacy.accountant,
-        "delta": recipe.privacy.delta,
-        "target_epsilon": recipe.privacy.target_epsilon,
-        "clip_norm": recipe.privacy.clip_norm,
-        "randomness": recipe.privacy.randomness,
-        **({} if note is None else {"guarantee": note}),
-    }
-    if client_dp is not None:
-        console.print(client_dp.describe() + f"; {rounds} rounds planned")
-        metrics.write({**plan, "sigma": client_dp.sigma, "q": client_dp.sample_rate})
-    if example_dp is not None:
-        console.print(example_dp.describe() + f"; {example_dp.planned_steps} local steps planned per client")
-        metrics.write(
-            {
-                **plan,
-                "sigma": example_dp.sigma,
-                "q_max": max(example_dp.sample_rates),  # what σ was calibrated for; each q_i is private
-                "planned_steps": example_dp.planned_steps,
-            }
+    if start == 0:
+        _announce_privacy(recipe, privacy, metrics, console, note)
+        with console.status("held-out evaluation before training"):
+            before = evaluate(0, glob)
+    else:
+        before = next((e for e in metrics.of_type("eval") if e["round"] == 0), {})
+        before = {k: v for k, v in before.items() if k not in ("type", "round")}
+        console.print(f"resuming {run_dir} after round {start} of {schedule.rounds}")
+        if note is not None:
+            console.print(f"[bold yellow]{note}[/]")
+
+    def checkpoint(done: int, adapter: Tensors) -> None:
+        save_checkpoint(
+            run_dir / CHECKPOINTS,
+            federation.state(done, adapter),
+            schedule.keep_last,
+            private_dir / CHECKPOINTS if recipe.privacy.enabled else None,
+            store,
+            before_publish=lambda: kill_point("checkpoint", done),
         )
-        metrics.write_private({"type": "privacy", "q": example_dp.sample_rates})
-    if note is not None:
-        console.print(f"[bold yellow]{note}[/]")
-    with console.status("held-out evaluation before training"):
-        before = evaluate(0)
+
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     loop_started = time.perf_counter()
-    checkpointed = 0
+    with Progress(*columns, console=console, transient=False) as progress:
+        bar = progress.add_task("round", total=schedule.rounds, completed=start)
 
-    def checkpoint(done: int) -> None:
-        nonlocal checkpointed
-        state, ledgers = federation.server_state(done - 1), federation.private_state()
-        private = None if ledgers is None else (private_dir / "checkpoints", ledgers)
-        save_checkpoint(run_dir / "checkpoints", done, glob, state, recipe.checkpoint.keep_last, private)
-        checkpointed = done
+        def after_round(done: int) -> None:
+            if example_dp is not None:
+                ledgers = json.dumps(example_dp.to_json())
+                write_text_atomic(ledgers, private_dir / "privacy_ledgers.json", private=True)
+            progress.update(bar, advance=1, description=_progress_line(metrics, privacy, done))
 
-    try:  # SIGINT, and SIGTERM (the CLI turns it into the same), end the run here with where it stands
-        with Progress(*columns, console=console, transient=False) as progress:
-            bar = progress.add_task("round", total=rounds)
-            for round_idx in range(rounds):
-                if client_dp is not None and not client_dp.budget_left_for_a_round():
-                    console.print(
-                        f"privacy budget: another round would take ε past {recipe.privacy.target_epsilon} "
-                        f"(spent {client_dp.epsilon():.3f}); stopping after round {round_idx}"
-                    )
-                    rounds = round_idx
-                    break
-                if example_dp is not None and not example_dp.anyone_can_visit():
-                    console.print(
-                        "privacy budget: no client can take another visit within "
-                        f"ε={recipe.privacy.target_epsilon}; stopping after round {round_idx}"
-                    )
-                    rounds = round_idx
-                    break
-                glob, _ = federation.run_round(round_idx, glob)
-                if example_dp is not None:
-                    ledgers = json.dumps(example_dp.to_json())
-                    write_text_atomic(ledgers, private_dir / "privacy_ledgers.json", private=True)
-                progress.update(bar, advance=1, description=_progress_line(metrics, recipe, round_idx))
-                done = round_idx + 1
-                if recipe.eval.every and done % recipe.eval.every == 0 and done < rounds:
-                    evaluate(done)
-                if done % recipe.checkpoint.every == 0 or done == rounds:
-                    checkpoint(done)
-    except KeyboardInterrupt:
-        raise RunInterrupted(run_dir, checkpointed, recipe.checkpoint.keep_last) from None
-    if rounds and checkpointed != rounds:  # stopped early (privacy budget): the last round is kept too
-        checkpoint(rounds)
+        glob, rounds = run_rounds(
+            glob,
+            start,
+            schedule,
+            run_round=lambda round_idx, adapter: federation.run_round(round_idx, adapter)[0],
+            stop_reason=privacy.stop_reason,
+            evaluate=evaluate,
+            checkpoint=checkpoint,
+            progress=after_round,
+            console=console,
+            run_dir=run_dir,
+        )
     loop_s = time.perf_counter() - loop_started
-    after = evaluate(rounds)
+    after = evaluate(rounds, glob)
     slots.write(glob)
     _save_adapter(
         trainer.model,
@@ -378,13 +425,7 @@ def run_federated(
         {
             "type": "summary",
             "rounds": rounds,
-            "epsilon": (
-                client_dp.epsilon()
-                if client_dp is not None
-                else example_dp.max_epsilon()
-                if example_dp is not None
-                else None
-            ),
+            "epsilon": privacy.epsilon(),
             "eval_before": before.get("eval_loss"),
             "eval_after": after.get("eval_loss"),
             "metrics_before": before,
@@ -406,3 +447,29 @@ def run_federated(
         metrics_before=before,
         metrics_after=after,
     )
+
+
+def _announce_privacy(
+    recipe: Recipe, privacy: NoPrivacy, metrics: MetricsLog, console: Console, note: str | None
+) -> None:
+    """The mechanism's public plan (σ, sampling rate) in metrics.jsonl and on the console."""
+    plan = privacy.plan_record()
+    if plan is not None:
+        console.print(privacy.describe())
+        metrics.write(
+            {
+                "type": "privacy",
+                "unit": recipe.privacy.unit,
+                "accountant": recipe.privacy.accountant,
+                "delta": recipe.privacy.delta,
+                "target_epsilon": recipe.privacy.target_epsilon,
+                "clip_norm": recipe.privacy.clip_norm,
+                "randomness": recipe.privacy.randomness,
+                **({} if note is None else {"guarantee": note}),
+                **plan,
+            }
+        )
+    if isinstance(privacy, ExampleLevel):
+        metrics.write_private({"type": "privacy", "q": privacy.dp.sample_rates})
+    if note is not None:
+        console.print(f"[bold yellow]{note}[/]")
