@@ -144,19 +144,21 @@ class FederationSection(Section):
 
 class FaultsSection(Section):
     """Seeded fault injection (fedalign/runtime/faults.py): per sampled client and round, the chance that it
-    never answers (drop), raises (crash), returns NaN (nan) or answers ``slow_s`` late (slow)."""
+    never answers (drop), raises (crash), returns NaN (nan), answers ``slow_s`` late (slow) or fails after
+    its first upload (late: between FedASK's two stages)."""
 
     drop: float = Field(default=0.0, ge=0, le=1)
     crash: float = Field(default=0.0, ge=0, le=1)
     nan: float = Field(default=0.0, ge=0, le=1)
     slow: float = Field(default=0.0, ge=0, le=1)
+    late: float = Field(default=0.0, ge=0, le=1)
     slow_s: float = Field(default=0.0, ge=0)
     seed: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _a_probability(self) -> FaultsSection:
-        if self.drop + self.crash + self.nan + self.slow > 1:
-            raise ValueError("faults: drop + crash + nan + slow must be at most 1")
+        if self.drop + self.crash + self.nan + self.slow + self.late > 1:
+            raise ValueError("faults: drop + crash + nan + slow + late must be at most 1")
         return self
 
 

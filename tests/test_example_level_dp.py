@@ -63,9 +63,9 @@ def test_reported_epsilon_matches_an_independent_accountant(base_recipe: dict, a
         assert reported <= 6.0
     # ledgers are run state, saved with every checkpoint, owner-only (they reveal each client's row count)
     checkpoint = json.loads((result.run_dir / "private" / "checkpoints" / "round-00003.json").read_text())
-    assert checkpoint["privacy_ledgers"] == ledgers
+    assert checkpoint["privacy"]["privacy_ledgers"] == ledgers and checkpoint["round"] == 3
     public = json.loads((result.run_dir / "checkpoints" / "round-00003" / "server.json").read_text())
-    assert set(public) == {"round", "sampler"}
+    assert set(public) == {"format_version", "round", "sampler", "failed_in_a_row"}  # no ledger in public
 
 
 def test_a_small_budget_stops_clients_before_they_exceed_it(base_recipe: dict) -> None:

@@ -74,3 +74,22 @@ def test_fault_probabilities_are_checked():
     raw["faults"] = {"drop": 0.8, "crash": 0.3}
     with pytest.raises(FedalignError, match="at most 1"):
         validate_recipe(raw)
+
+
+def test_fedask_recomputes_its_stages_without_a_client_that_failed_after_stage_1(tmp_path):
+    """A client that uploads its stage-1 sketch and then fails: the round's stages run again over the
+    others, so the result is exactly the round without that client (as if it had crashed before training)."""
+    adapters, reasons = [], []
+    for kind in ("late", "crash"):
+        raw = small_recipe(tmp_path / kind)
+        raw["federation"] |= {"num_clients": 4, "clients_per_round": 3, "rounds": 3, "local_steps": 1}
+        raw["algorithm"] = {"name": "fedask", "train_a": True}
+        raw["faults"] = {kind: 0.3, "seed": 1}
+        raw["eval"] |= {"every": 0}
+        result = run_sft(validate_recipe(raw), QUIET)
+        adapters.append(load_file(str(result.run_dir / "adapter" / "adapter_model.safetensors")))
+        records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").open()]
+        reasons.append([d["reason"] for r in records if r["type"] == "round" for d in r.get("dropped", [])])
+    assert reasons[0] and all("failed before stage 2 (injected late)" in r for r in reasons[0])
+    assert len(reasons[0]) == len(reasons[1])  # the same clients, failing at another point
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[1])

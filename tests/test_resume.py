@@ -61,7 +61,7 @@ def _raw(task: str, algorithm: str, dp: bool, tmp_path: Path) -> dict:
     raw["checkpoint"] = {"every": 2, "keep_last": 2}
     raw["device"] = "cpu"
     if dp:
-        unit = "example" if task == "sft" else "pair"
+        unit = "client" if dp == "client" else "example" if task == "sft" else "pair"
         raw["privacy"] = {"unit": unit, "noise_multiplier": 1.0, "clip_norm": 1.0, "delta": 1e-3}
     return raw
 
@@ -95,11 +95,13 @@ CASES = [  # FRLoRA moves the base, which is DPO's reference: fedalign dpo refus
     for dp in (False, True)
     for algorithm in ALGORITHMS
     if not (task == "dpo" and algorithm == "frlora")
-]
+] + [("sft", "fedavg", "client"), ("dpo", "rolora", "client")]  # client-level DP: noise on the server
 
 
 @pytest.mark.parametrize(
-    ("task", "algorithm", "dp"), CASES, ids=[f"{t}-{a}-{'dp' if d else 'nodp'}" for t, a, d in CASES]
+    ("task", "algorithm", "dp"),
+    CASES,
+    ids=[f"{t}-{a}-{'client-dp' if d == 'client' else 'dp' if d else 'nodp'}" for t, a, d in CASES],
 )
 def test_a_killed_run_resumes_to_the_uninterrupted_result(task, algorithm, dp, tmp_path):
     point, k = POINTS[CASES.index((task, algorithm, dp)) % len(POINTS)]
@@ -115,7 +117,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(task, algorithm, dp, t
     for key in expected:
         assert torch.equal(got[key], expected[key]), f"{key} differs after resume ({point}:{k})"
     assert _public_rounds(run_dir) == _public_rounds(reference.run_dir)
-    if dp:
+    if dp is True:
         ledgers = "private/privacy_ledgers.json"
         assert json.loads((run_dir / ledgers).read_text()) == json.loads(
             (reference.run_dir / ledgers).read_text()
@@ -125,8 +127,12 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(task, algorithm, dp, t
 
 
 def test_a_damaged_last_checkpoint_falls_back_to_the_one_before(tmp_path):
-    raw = _raw("sft", "scaffold", False, tmp_path)
-    raw["checkpoint"] = {"every": 1}
+    """FRLoRA (its base moves replayed) with a failed round (no move) and keep_last pruning around the
+    damaged checkpoint that was set aside."""
+    raw = _raw("sft", "frlora", False, tmp_path)
+    raw["checkpoint"] = {"every": 1, "keep_last": 2}
+    raw["faults"] = {"crash": 0.4, "seed": 5}  # round 1 loses a client and fails; rounds 2 and 3 do not
+    raw["federation"] |= {"min_clients": 2, "max_failed_rounds": 4}
     run_dir = _killed_run(raw, "sft", "after-round", 3, tmp_path)
     adapter = run_dir / "checkpoints" / "round-00002" / "global_adapter.safetensors"
     data = bytearray(adapter.read_bytes())
@@ -136,9 +142,14 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_one_before(tmp_path):
     resume_run(run_dir, console=Console(file=out, width=300))
     assert "checkpoint round-00002 is damaged" in out.getvalue()
     assert json.loads((run_dir / "run.json").read_text())["resumes"][0]["from_round"] == 1
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "base_moves", "round-00002.damaged", "round-00003", "round-00004"
+    ]  # fmt: skip
     reference = run_sft(validate_recipe(raw), _console())
+    assert any("skipped" in r for r in _public_rounds(reference.run_dir))  # the failed round happened
+    assert _public_rounds(run_dir) == _public_rounds(reference.run_dir)
     got, expected = _adapter(run_dir), _adapter(reference.run_dir)
-    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
 
 
 def test_a_finished_run_is_extended_by_more_rounds(tmp_path):

@@ -4,14 +4,18 @@ A client that raises, answers after ``federation.client_timeout_s`` or returns n
 dropped from its round; the round goes on over the survivors, their weights renormalised (under
 client-level DP the sum is noised and divided by the expected cohort as always: a drop only lowers the
 signal). Below ``federation.min_clients`` survivors the round fails and the run stops with one line; the
-last checkpoint is what a resume starts from. FedASK's two stages run over the same survivors: in one
-process a client either trains or fails before its first upload, so stage 1 never includes a client that
-is missing at stage 2.
+last checkpoint is what a resume starts from.
+
+A multi-stage round (FedASK) whose client answers stage 1 and then fails is recomputed from stage 1 without
+it: the stage-2 sum must come from exactly the clients whose sketches made Q, and their trained adapters
+are still at hand, so no one trains again; the weights renormalise and ``min_clients`` applies as for any
+drop. (Retrying the whole round would train every client twice and spend privacy twice.)
 
 The recipe's ``faults`` section injects such failures with fixed probabilities, drawn per (client, round)
 from its own seed, so a study of robustness (as the FedASK paper's) or a test is reproducible: ``drop``
 (the client never answers), ``crash`` (it raises), ``nan`` (its update is NaN), ``slow`` (it answers
-``slow_s`` seconds late).
+``slow_s`` seconds late), ``late`` (it answers its first upload, then fails: before stage 2 for FedASK,
+before its only upload for one-stage algorithms).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 
 from fedalign.errors import FedalignError
 
-KINDS = ("drop", "crash", "nan", "slow")
+KINDS = ("drop", "crash", "nan", "slow", "late")
 
 
 class ClientFailure(RuntimeError):
@@ -40,12 +44,13 @@ class FaultInjector:
     crash: float = 0.0
     nan: float = 0.0
     slow: float = 0.0
+    late: float = 0.0
     slow_s: float = 0.0
     seed: int = 0
 
     @property
     def active(self) -> bool:
-        return any((self.drop, self.crash, self.nan, self.slow))
+        return any((self.drop, self.crash, self.nan, self.slow, self.late))
 
     def draw(self, client: int, round_idx: int) -> str | None:
         """The fault of this client in this round, or None: one uniform draw against the cumulative

@@ -79,6 +79,14 @@ class Visit:
     wall_s: float = 0.0
     peak_mib: float = 0.0
     update_norm: float | None = None  # before clipping, under client-level DP
+    fails_after_first_stage: bool = False  # injected ``late`` fault of a multi-stage algorithm
+
+
+class _LateFailure(Exception):
+    """A client that uploaded in an earlier stage of this round failed before a later one."""
+
+    def __init__(self, visit: Visit, stage: int) -> None:
+        self.visit, self.stage = visit, stage
 
 
 def _mean_loss(visits: list[Visit]) -> float | None:
@@ -223,16 +231,33 @@ class Federation:
                 f"round {round_idx + 1}: every client's update has NaN or infinite values ({diverged[0]}); "
                 "nothing from this round is saved. Lower train.learning_rate, or set train.max_grad_norm"
             )
-        if self.privacy.renormalises and dropped and len(visits) < min(self.cfg.min_clients, len(clients)):
-            return glob, self._failed_round(round_idx, cohort, clients, visits, dropped, started)
+        while True:  # once, or again without a client that failed between two stages
+            if (
+                self.privacy.renormalises
+                and dropped
+                and len(visits) < min(self.cfg.min_clients, len(clients))
+            ):
+                return glob, self._failed_round(round_idx, cohort, clients, visits, dropped, started)
+            if dropped and self.privacy.renormalises:  # the survivors' weights sum to one again
+                for visit, weight in zip(visits, self._weights([v.client for v in visits]), strict=True):
+                    visit.weight = weight
+            aggregated = bool(visits) or self.privacy.releases_empty_rounds
+            try:
+                if aggregated:
+                    self.algorithm.begin_aggregation(round_idx, len(visits))
+                    new_glob = self._aggregate(round_idx, received, glob, visits)
+                break
+            except _LateFailure as late:
+                # Recompute every stage without it: a stage-2 sum over fewer clients than stage 1's would
+                # not be the sketch of any aggregate (FedASK's Q came from the clients that answered).
+                visits.remove(late.visit)
+                late.visit.trained = {}
+                dropped.append(
+                    (late.visit.client, f"failed before stage {late.stage + 1} (injected late); the round's "
+                     "stages ran again without it")
+                )  # fmt: skip
         self.failed_in_a_row = 0
-        if dropped and self.privacy.renormalises:  # the survivors' weights sum to one again
-            for visit, weight in zip(visits, self._weights([v.client for v in visits]), strict=True):
-                visit.weight = weight
-        aggregated = bool(visits) or self.privacy.releases_empty_rounds
-        if aggregated:
-            self.algorithm.begin_aggregation(round_idx, len(visits))
-            glob = self._aggregate(round_idx, received, glob, visits)
+        glob = new_glob if aggregated else glob
         bad = non_finite(glob) if aggregated else None
         base_update = self.algorithm.take_base_update() if aggregated and self.algorithm.moves_base else None
         bad = bad or (non_finite(base_update) if base_update is not None else None)
@@ -241,9 +266,9 @@ class Federation:
                 f"round {round_idx + 1}: the aggregate has NaN or infinite values (first: {bad}); nothing "
                 "from this round is saved. Lower train.learning_rate, or set train.max_grad_norm"
             )
+        if self.base_moves is not None:  # every round has its move on disk, empty when there was none
+            self.base_moves.save(round_idx + 1, base_update or {})
         if base_update is not None:  # one shared base here; remote clients apply it too
-            if self.base_moves is not None:
-                self.base_moves.save(round_idx + 1, base_update)
             self.slots.add_to_base(low_rank_delta(base_update))
         for visit in visits:
             visit.state = self.algorithm.local_end(round_idx, visit.trained, visit.state)
@@ -270,6 +295,8 @@ class Federation:
             ) from self.last_client_error
         for visit in visits:
             visit.trained = {}
+        if self.base_moves is not None:
+            self.base_moves.save(round_idx + 1, {})
         self._log(round_idx, cohort, [], time.perf_counter() - started, self.memory.read(), dropped)
         return []
 
@@ -308,12 +335,15 @@ class Federation:
             if fault == "nan":
                 poison(visit.trained)
             bad = non_finite(visit.trained)
-            if bad is not None:
+            if fault == "late" and self.algorithm.num_stages == 1:
+                dropped.append((client, "trained, then failed before its upload (injected late)"))
+            elif bad is not None:
                 injected = " (injected nan)" if fault == "nan" else ""
                 dropped.append((client, f"non-finite values in {bad}{injected}"))
             elif timeout is not None and visit.wall_s > timeout:
                 dropped.append((client, f"answered after {visit.wall_s:.1f} s (client_timeout_s={timeout})"))
             else:
+                visit.fails_after_first_stage = fault == "late"
                 visits.append(visit)
         return visits, dropped
 
@@ -331,6 +361,8 @@ class Federation:
         for stage in range(self.algorithm.num_stages):
             uploads = []
             for visit in visits:
+                if stage > 0 and visit.fails_after_first_stage:
+                    raise _LateFailure(visit, stage)
                 upload = self.algorithm.client_upload(stage, round_idx, visit.trained, reply, visit.state)
                 upload, norm = self.privacy.client_transform(upload, start)
                 visit.update_norm = norm if norm is not None else visit.update_norm

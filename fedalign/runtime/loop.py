@@ -108,10 +108,13 @@ def run_rounds(
                 kill_point("after-round", done)
                 if schedule.eval_every and done % schedule.eval_every == 0 and done < schedule.rounds:
                     evaluate(done, glob)
-                if done % schedule.checkpoint_every == 0 or done == schedule.rounds or stop.requested:
+                if done % schedule.checkpoint_every == 0 or done == schedule.rounds:
                     checkpoint(done, glob)
                     checkpointed = done
-                if stop.requested:
+                if stop.requested:  # the safe point: this round is checkpointed before the run stops
+                    if checkpointed != done:
+                        checkpoint(done, glob)
+                        checkpointed = done
                     raise RunInterrupted(run_dir, checkpointed, aborted=False, signal_name=stop.signal_name)
     except KeyboardInterrupt as error:
         if isinstance(error, RunInterrupted):

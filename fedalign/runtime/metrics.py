@@ -119,10 +119,13 @@ class MetricsLog:
         self._private = os.fdopen(os.open(private_path, flags, 0o600), "a")
 
     @classmethod
-    def resume(cls, path: Path, private_path: Path, unit: str, rounds_done: int) -> MetricsLog:
+    def resume(
+        cls, path: Path, private_path: Path, unit: str, rounds_done: int, drop_eval_at: int | None = None
+    ) -> MetricsLog:
         """The logs of a run resumed after ``rounds_done`` rounds: records of later rounds (which the resumed
         run writes again), summaries and a torn last line are dropped, then both files are appended to.
-        ``rounds_done < 0`` empties them (the run restarts from its beginning)."""
+        ``rounds_done < 0`` empties them (the run restarts from its beginning); ``drop_eval_at``: the round
+        of a finished run's final evaluation, which an extended run does not have there."""
         from fedalign.runtime.state import write_text_atomic
 
         kept: dict[Path, list[dict[str, Any]]] = {}
@@ -135,6 +138,8 @@ class MetricsLog:
                 except ValueError:
                     continue  # a line torn by the kill
                 if record.get("type") == "summary" or record.get("round", 0) > rounds_done or rounds_done < 0:
+                    continue
+                if record.get("type") == "eval" and record["round"] == drop_eval_at:
                     continue
                 records.append(record)
             write_text_atomic("".join(json.dumps(r) + "\n" for r in records), file, private=private)

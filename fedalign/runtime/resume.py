@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from fedalign.algorithms import registry
 from fedalign.errors import RecipeError, RunNotResumable
@@ -75,8 +76,11 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
     return info
 
 
-def _schedule(recipe_path: Path, overrides: list[str]) -> Schedule:
+def _schedule(recipe_path: Path, earlier: list[str], overrides: list[str]) -> Schedule:
+    """The recipe's schedule with every earlier resume's overrides, then these."""
     raw = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
+    for override in earlier:
+        apply_override(raw, override)
     for override in overrides:
         key = override.partition("=")[0].strip()
         if key not in SAFE_TO_CHANGE:
@@ -107,10 +111,14 @@ def _find_checkpoint(run_dir: Path, recipe: Recipe, console: Console) -> RoundSt
             return state
         except DamagedState as reason:
             folder = checkpoint_dir(root, rounds_done)
-            folder.rename(folder.with_name(folder.name + ".damaged"))
+            aside, n = folder.with_name(folder.name + ".damaged"), 1
+            while aside.exists():
+                n += 1
+                aside = folder.with_name(f"{folder.name}.damaged-{n}")
+            folder.rename(aside)
             console.print(
-                f"[bold yellow]warning: checkpoint {folder.name} is damaged ({reason}); set aside as "
-                f"{folder.name}.damaged, trying the one before[/]"
+                f"[bold yellow]warning: checkpoint {folder.name} is damaged ({escape(str(reason))}); set "
+                f"aside as {aside.name}, trying the one before[/]"
             )
     return RoundState(rounds_done=0, glob={})
 
@@ -124,7 +132,8 @@ def resume_run(
     info = read_run_info(run_dir)
     recipe_path = run_dir / "recipe.yaml"
     recipe = load_recipe(recipe_path)
-    schedule = _schedule(recipe_path, overrides or [])
+    earlier = [o for entry in info.get("resumes", []) for o in entry.get("overrides", [])]
+    schedule = _schedule(recipe_path, earlier, overrides or [])
     finished = (run_dir / "adapter").is_dir()
     done_before = max(checkpoint_rounds(run_dir / CHECKPOINTS), default=0)
     if finished and schedule.rounds <= done_before:
@@ -146,6 +155,12 @@ def resume_run(
         raise RecipeError(
             f"federation.rounds: {schedule.rounds} is fewer than the {state.rounds_done} rounds already done"
         )
+    if state.rounds_done == 0 and done_before:
+        console.print(
+            "[bold yellow]warning: no intact checkpoint is left; the run starts again from round 0[/]"
+        )
+    if finished:  # an extension: the final adapter and evaluation are written again at the new end
+        shutil.rmtree(run_dir / "adapter")
     if info["task"] == "sft":
         from fedalign.runtime.sft import SFTTask
 
@@ -154,5 +169,5 @@ def resume_run(
         from fedalign.runtime.dpo import DPOTask
 
         task = DPOTask()
-    point = ResumePoint(run_dir, state, schedule, list(overrides or []))
+    point = ResumePoint(run_dir, state, schedule, list(overrides or []), extends_finished=finished)
     return run_federated(recipe, task, console, secrets, point)

@@ -54,6 +54,7 @@ from fedalign.privacy.randomness import RunSecrets, make_private_dir
 from fedalign.recipe import Recipe
 from fedalign.runtime.faults import FaultInjector
 from fedalign.runtime.federation import Federation
+from fedalign.runtime.inputs import changed_inputs, input_fingerprints
 from fedalign.runtime.loop import Schedule, kill_point, run_rounds
 from fedalign.runtime.metrics import CLIENT_METRICS, PRIVATE_DIR, MetricsLog
 from fedalign.runtime.privacy_plan import (
@@ -76,6 +77,7 @@ from fedalign.runtime.state import (
     write_text_atomic,
 )
 
+INPUTS = "inputs.json"
 _PACKAGES = ("fedalign", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "safetensors")
 
 
@@ -215,6 +217,7 @@ class ResumePoint:
     state: RoundState
     schedule: Schedule
     overrides: list[str] = field(default_factory=list)
+    extends_finished: bool = False  # the run had finished: its final evaluation is not a round's
 
 
 def _mechanism(recipe: Recipe, client_dp, example_dp, secrets) -> NoPrivacy:
@@ -232,16 +235,31 @@ def _start_run_dir(recipe: Recipe, task: Task, manifest: dict[str, Any], secrets
         secrets.save(private_dir)
     write_text_atomic(recipe.resolved_yaml(), run_dir / "recipe.yaml")
     write_text_atomic(json.dumps(package_versions(), indent=1), run_dir / "versions.json")
-    info = {"format_version": FORMAT_VERSION, "task": task.name, "resumes": []}
-    write_text_atomic(json.dumps(info, indent=1), run_dir / RUN_INFO)
     write_text_atomic(json.dumps(manifest), run_dir / "partition.json")
+    # digests of the data and model files: private (a digest of the data confirms a guess of it)
+    write_text_atomic(json.dumps(input_fingerprints(recipe)), private_dir / INPUTS, private=True)
+    info = {"format_version": FORMAT_VERSION, "task": task.name, "resumes": []}
+    write_text_atomic(json.dumps(info, indent=1), run_dir / RUN_INFO)  # last: a resumable run has it all
     return run_dir
 
 
-def _check_same_partition(run_dir: Path, manifest: dict[str, Any]) -> None:
-    """A resumed run must see the data it started with: same rows, same clients."""
-    recorded = json.loads((run_dir / "partition.json").read_text())
-    if recorded.get("clients") != json.loads(json.dumps(manifest["clients"])):
+def _check_same_inputs(run_dir: Path, recipe: Recipe, manifest: dict[str, Any]) -> None:
+    """A resumed run must see the inputs it started with: the same model and data files, partitioned into
+    the same clients."""
+    try:
+        recorded = json.loads((run_dir / PRIVATE_DIR / INPUTS).read_text())
+        partition = json.loads((run_dir / "partition.json").read_text())
+    except (OSError, ValueError) as error:
+        raise RunNotResumable(f"{run_dir}: partition.json or private/{INPUTS} unreadable ({error})") from None
+    changed = changed_inputs(recorded, recipe)
+    if changed:
+        raise RunNotResumable(
+            f"{run_dir}: {', '.join(changed)}: the files changed since the run started; a resume continues "
+            "only on the inputs the run started with"
+        )
+    if not isinstance(partition, dict) or partition.get("clients") != json.loads(
+        json.dumps(manifest["clients"])
+    ):
         raise RunNotResumable(
             f"{run_dir}: the data no longer partitions as when the run started (partition.json differs); "
             "a resume needs the same data files as the run's recipe.yaml names"
@@ -257,21 +275,23 @@ def _progress_line(metrics: MetricsLog, privacy: NoPrivacy, round_idx: int) -> s
     return f"round {round_idx} loss {'-' if loss is None else f'{loss:.4f}'}"
 
 
-def run_federated(
-    recipe: Recipe,
-    task: Task,
-    console: Console | None = None,
-    secrets: RunSecrets | None = None,
-    resume: ResumePoint | None = None,
-) -> RunResult:
-    """Run ``recipe`` to its end. ``secrets``: the keys of an earlier DP run's private/ folder, to replay it
-    exactly (its noise and sampling); by default a DP run draws fresh keys. ``resume``: continue the run
-    in ``resume.run_dir`` from its checkpoint (``recipe`` and ``secrets`` are then that run's own)."""
-    console = console or Console()
-    started = time.perf_counter()
-    schedule = resume.schedule if resume is not None else Schedule.of(recipe)
-    if resume is None:
-        check_output_dir(recipe.output_dir)
+@dataclass
+class _Prepared:
+    """Everything a run needs before its run directory exists: validated, loaded, partitioned."""
+
+    algorithm: algorithms.Algorithm
+    secrets: RunSecrets | None
+    client_dp: Any
+    example_dp: Any
+    setup: TaskSetup
+    client_ids: list[list[int]]
+    manifest: dict[str, Any]
+    device: torch.device
+
+
+def _prepare(recipe: Recipe, task: Task, console: Console, secrets: RunSecrets | None) -> _Prepared:
+    """Check the recipe, load data and model, partition, plan the privacy: all that can fail on the inputs
+    fails here, before anything is written."""
     algorithm = algorithms.build(recipe.algorithm, run_context(recipe))
     secrets = secrets_for(recipe, secrets)
     client_dp = client_privacy(recipe, algorithm, task.name, task.privacy_units, secrets)
@@ -309,36 +329,65 @@ def run_federated(
     }
     manifest["eval_rows"] = setup.eval_ids
     manifest.update(setup.manifest)
+    return _Prepared(algorithm, secrets, client_dp, example_dp, setup, partition.clients, manifest, device)
+
+
+def _open_metrics(run_dir: Path, recipe: Recipe, resume: ResumePoint | None) -> MetricsLog:
+    paths = (run_dir / "metrics.jsonl", run_dir / PRIVATE_DIR / CLIENT_METRICS)
     if resume is None:
-        run_dir = _start_run_dir(recipe, task, manifest, secrets)
+        return MetricsLog(*paths, recipe.privacy.unit)
+    start, every = resume.state.rounds_done, resume.schedule.eval_every
+    final_eval = resume.extends_finished and not (every and start % every == 0)
+    # from round 0 (no checkpoint survived) the logs start over, as the run does
+    return MetricsLog.resume(
+        *paths, recipe.privacy.unit, start if start else -1, drop_eval_at=start if final_eval else None
+    )
+
+
+def run_federated(
+    recipe: Recipe,
+    task: Task,
+    console: Console | None = None,
+    secrets: RunSecrets | None = None,
+    resume: ResumePoint | None = None,
+) -> RunResult:
+    """Run ``recipe`` to its end. ``secrets``: the keys of an earlier DP run's private/ folder, to replay it
+    exactly (its noise and sampling); by default a DP run draws fresh keys. ``resume``: continue the run
+    in ``resume.run_dir`` from its checkpoint (``recipe`` and ``secrets`` are then that run's own)."""
+    console = console or Console()
+    started = time.perf_counter()
+    schedule = resume.schedule if resume is not None else Schedule.of(recipe)
+    if resume is None:
+        check_output_dir(recipe.output_dir)
+    prepared = _prepare(recipe, task, console, secrets)
+    algorithm, example_dp, setup = prepared.algorithm, prepared.example_dp, prepared.setup
+    trainer = setup.trainer
+    if resume is None:
+        run_dir = _start_run_dir(recipe, task, prepared.manifest, prepared.secrets)
     else:
         run_dir = resume.run_dir
-        _check_same_partition(run_dir, manifest)
+        _check_same_inputs(run_dir, recipe, prepared.manifest)
         info = json.loads((run_dir / RUN_INFO).read_text())
         info["resumes"].append({"from_round": resume.state.rounds_done, "overrides": resume.overrides})
         write_text_atomic(json.dumps(info, indent=1), run_dir / RUN_INFO)
     private_dir = run_dir / PRIVATE_DIR
+    start = 0 if resume is None else resume.state.rounds_done
 
     slots = AdapterSlots(trainer.model)
-    privacy = _mechanism(recipe, client_dp, example_dp, secrets)
-    metrics_paths = (run_dir / "metrics.jsonl", private_dir / CLIENT_METRICS)
-    start = 0 if resume is None else resume.state.rounds_done
-    if resume is None:
-        metrics = MetricsLog(*metrics_paths, recipe.privacy.unit)
-    else:  # from round 0 (no checkpoint survived) the logs start over, as the run does
-        metrics = MetricsLog.resume(*metrics_paths, recipe.privacy.unit, start if start else -1)
+    privacy = _mechanism(recipe, prepared.client_dp, example_dp, prepared.secrets)
+    metrics = _open_metrics(run_dir, recipe, resume)
     store = ClientStateStore(run_dir / "clients")
     federation = Federation(
         algorithm,
         slots,
         trainer,
-        [trainer.rows(ids) for ids in partition.clients],
+        [trainer.rows(ids) for ids in prepared.client_ids],
         recipe.federation,
         store,
         metrics,
         seed=recipe.seed,
         persist_optimizer=recipe.train.optimizer_state == "persist",
-        device=device,
+        device=prepared.device,
         privacy=privacy,
         faults=FaultInjector(**recipe.faults.model_dump()),
         base_moves=BaseMoves(run_dir / CHECKPOINTS / BASE_MOVES) if algorithm.moves_base else None,
@@ -354,6 +403,11 @@ def run_federated(
     elif resume is not None:
         federation.restart()
 
+    def write_ledgers() -> None:
+        if example_dp is not None:  # the current ledgers, for the operator (checkpoints keep their own)
+            ledgers = json.dumps(example_dp.to_json())
+            write_text_atomic(ledgers, private_dir / "privacy_ledgers.json", private=True)
+
     def evaluate(round_idx: int, adapter: Tensors) -> dict[str, float]:
         if setup.evaluate is None:
             return {}
@@ -361,18 +415,6 @@ def run_federated(
         measured = setup.evaluate(round_idx, run_dir)
         metrics.write({"type": "eval", "round": round_idx, **measured})
         return measured
-
-    note = guarantee_note(recipe)
-    if start == 0:
-        _announce_privacy(recipe, privacy, metrics, console, note)
-        with console.status("held-out evaluation before training"):
-            before = evaluate(0, glob)
-    else:
-        before = next((e for e in metrics.of_type("eval") if e["round"] == 0), {})
-        before = {k: v for k, v in before.items() if k not in ("type", "round")}
-        console.print(f"resuming {run_dir} after round {start} of {schedule.rounds}")
-        if note is not None:
-            console.print(f"[bold yellow]{note}[/]")
 
     def checkpoint(done: int, adapter: Tensors) -> None:
         save_checkpoint(
@@ -384,15 +426,26 @@ def run_federated(
             before_publish=lambda: kill_point("checkpoint", done),
         )
 
+    note = guarantee_note(recipe)
+    if start == 0:
+        _announce_privacy(recipe, privacy, metrics, console, note)
+        with console.status("held-out evaluation before training"):
+            before = evaluate(0, glob)
+    else:
+        write_ledgers()  # as of the checkpoint, not of the rounds lost after it
+        before = next((e for e in metrics.of_type("eval") if e["round"] == 0), {})
+        before = {k: v for k, v in before.items() if k not in ("type", "round")}
+        console.print(f"resuming {run_dir} after round {start} of {schedule.rounds}")
+        if note is not None:
+            console.print(f"[bold yellow]{note}[/]")
+
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     loop_started = time.perf_counter()
     with Progress(*columns, console=console, transient=False) as progress:
         bar = progress.add_task("round", total=schedule.rounds, completed=start)
 
         def after_round(done: int) -> None:
-            if example_dp is not None:
-                ledgers = json.dumps(example_dp.to_json())
-                write_text_atomic(ledgers, private_dir / "privacy_ledgers.json", private=True)
+            write_ledgers()
             progress.update(bar, advance=1, description=_progress_line(metrics, privacy, done))
 
         glob, rounds = run_rounds(
@@ -418,6 +471,33 @@ def run_federated(
         recipe.model.adapter,
     )
     wall = time.perf_counter() - started
+    _write_summary(recipe, metrics, privacy, rounds, before, after, note, loop_s, wall)
+    metrics.close()
+    plot_losses(metrics, run_dir / "loss.png", train=not recipe.privacy.enabled)
+    print_summary(console, metrics, run_dir, wall, note, private=recipe.privacy.enabled)
+    return RunResult(
+        run_dir=run_dir,
+        eval_before=before.get("eval_loss"),
+        eval_after=after.get("eval_loss"),
+        round_losses=[r["loss"] for r in metrics.of_type("round", private=True)],
+        wall_s=wall,
+        model=trainer.model,
+        metrics_before=before,
+        metrics_after=after,
+    )
+
+
+def _write_summary(
+    recipe: Recipe,
+    metrics: MetricsLog,
+    privacy: NoPrivacy,
+    rounds: int,
+    before: dict[str, float],
+    after: dict[str, float],
+    note: str | None,
+    loop_s: float,
+    wall: float,
+) -> None:
     timing = {"rounds_wall_s": round(loop_s, 3), "wall_s": round(wall, 2)}
     if recipe.privacy.enabled:  # under DP, how long the run took follows the secret draws
         metrics.write_private({"type": "summary", **timing})
@@ -433,19 +513,6 @@ def run_federated(
             **({} if recipe.privacy.enabled else timing),
             **({} if note is None else {"guarantee": note}),
         }
-    )
-    metrics.close()
-    plot_losses(metrics, run_dir / "loss.png", train=not recipe.privacy.enabled)
-    print_summary(console, metrics, run_dir, wall, note, private=recipe.privacy.enabled)
-    return RunResult(
-        run_dir=run_dir,
-        eval_before=before.get("eval_loss"),
-        eval_after=after.get("eval_loss"),
-        round_losses=[r["loss"] for r in metrics.of_type("round", private=True)],
-        wall_s=wall,
-        model=trainer.model,
-        metrics_before=before,
-        metrics_after=after,
     )
 
 

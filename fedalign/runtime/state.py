@@ -210,6 +210,8 @@ class BaseMoves:
         return self.root / f"round-{rounds_done:05d}.safetensors"
 
     def save(self, rounds_done: int, factors: Tensors) -> None:
+        """The move of one round; an empty one for a round that did not move the base (it failed, or
+        nobody trained), so that every round up to a checkpoint has its file."""
         save_tensors_atomic(factors, self._path(rounds_done), {"sha256": tensor_digest(factors)}, False)
 
     def check(self, rounds_done: int) -> None:
@@ -307,7 +309,7 @@ def save_checkpoint(
     os.replace(staging, final)
     _fsync(root)
     if keep_last is not None:
-        rounds = sorted(int(p.name[6:]) for p in root.glob("round-*") if p.is_dir())
+        rounds = sorted(checkpoint_rounds(root))
         for old in rounds[:-keep_last]:
             shutil.rmtree(checkpoint_dir(root, old))
             if private_root is not None:
@@ -326,13 +328,19 @@ def checkpoint_rounds(root: Path) -> list[int]:
     return sorted(found, reverse=True)
 
 
+CHECKPOINT_FILES = frozenset({"global_adapter.safetensors", "algorithm.safetensors", "server.json"})
+
+
 def load_checkpoint(root: Path, rounds_done: int, private_root: Path | None) -> RoundState:
     """The state of ``round-R/``, every file checked against its digest; raises :class:`DamagedState`."""
     folder = checkpoint_dir(root, rounds_done)
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
-        version = manifest["format_version"]
-        digests = manifest["sha256"]
+        version, digests = manifest["format_version"], manifest["sha256"]
+        if not isinstance(digests, dict) or set(digests) != CHECKPOINT_FILES:
+            raise ValueError("it does not list the checkpoint's files")
+        if manifest["round"] != rounds_done:
+            raise ValueError(f"it is for round {manifest['round']}")
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise DamagedState(f"{folder.name}: no readable manifest.json ({error})") from None
     if version != FORMAT_VERSION:
@@ -341,14 +349,17 @@ def load_checkpoint(root: Path, rounds_done: int, private_root: Path | None) -> 
         path = folder / name
         if not path.is_file() or file_sha256(path) != expected:
             raise DamagedState(f"{folder.name}/{name}: missing, or its contents do not match manifest.json")
-    server = json.loads((folder / "server.json").read_text())
-    state = RoundState(
-        rounds_done=rounds_done,
-        glob=load_file(folder / "global_adapter.safetensors"),
-        algorithm=load_file(folder / "algorithm.safetensors"),
-        sampler=server["sampler"],
-        failed_in_a_row=int(server["failed_in_a_row"]),
-    )
+    try:  # the digests match what was written: a failure here is a format problem, reported the same way
+        server = json.loads((folder / "server.json").read_text())
+        state = RoundState(
+            rounds_done=rounds_done,
+            glob=load_file(folder / "global_adapter.safetensors"),
+            algorithm=load_file(folder / "algorithm.safetensors"),
+            sampler=server["sampler"],
+            failed_in_a_row=int(server["failed_in_a_row"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+        raise DamagedState(f"{folder.name}: unreadable ({error})") from None
     if private_root is not None:
         path = private_checkpoint(private_root, rounds_done)
         try:
