@@ -6,6 +6,7 @@ vision-language DPO recipe. Every case fails before a model trains (most before 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -152,7 +153,7 @@ _LORA = '{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_pr
 
 
 def _run_dir(info: str | None = '{"format_version": 1, "task": "sft", "resumes": []}', dp: bool = False,
-             extra: dict[str, str] | None = None):  # fmt: skip
+             extra: dict[str, str] | None = None, changed: str | None = None):  # fmt: skip
     """A run directory as a run leaves it before its first checkpoint (or damaged as ``info``/``extra``
     say), for ``fedalign resume``."""
 
@@ -169,6 +170,12 @@ def _run_dir(info: str | None = '{"format_version": 1, "task": "sft", "resumes":
         _write(run, "recipe.yaml", validate_recipe(raw).resolved_yaml())
         if info is not None:
             _write(run, "run.json", info)
+        from fedalign.runtime.inputs import input_fingerprints
+
+        recorded = input_fingerprints(validate_recipe(raw))
+        if changed is not None:
+            recorded[changed] = "0" * 32  # the files under this key were others when the run started
+        _write(run, "private/inputs.json", json.dumps(recorded))
         for name, content in (extra or {}).items():
             _write(run, name, content)
         return str(run)
@@ -306,8 +313,10 @@ CASES = [
      _run_dir(extra={"adapter/adapter_config.json": "{}", "checkpoints/round-00002/server.json": "{}"}), [],
      "finished after 2 rounds"),
     ("resume: DP keys missing", "resume", _run_dir(dp=True), [], "secrets.json: missing or damaged"),
-    ("resume: the data changed", "resume", _run_dir(extra={"partition.json": '{"clients": []}'}), [],
-     "the data no longer partitions as when the run started"),
+    ("resume: the data partitions otherwise", "resume", _run_dir(extra={"partition.json": '{"clients": []}'}),
+     [], "the data no longer partitions as when the run started"),
+    ("resume: the model files changed", "resume", _run_dir(changed="model.name_or_path"), [],
+     "model.name_or_path: the files changed since the run started"),
 ]  # fmt: skip
 
 

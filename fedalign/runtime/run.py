@@ -248,15 +248,18 @@ def _check_same_inputs(run_dir: Path, recipe: Recipe, manifest: dict[str, Any]) 
     the same clients."""
     try:
         recorded = json.loads((run_dir / PRIVATE_DIR / INPUTS).read_text())
-        partition = json.loads((run_dir / "partition.json").read_text())
     except (OSError, ValueError) as error:
-        raise RunNotResumable(f"{run_dir}: partition.json or private/{INPUTS} unreadable ({error})") from None
-    changed = changed_inputs(recorded, recipe)
+        raise RunNotResumable(f"{run_dir}: private/{INPUTS} unreadable ({error})") from None
+    changed = changed_inputs(recorded, recipe) if isinstance(recorded, dict) else [f"private/{INPUTS}"]
     if changed:
         raise RunNotResumable(
             f"{run_dir}: {', '.join(changed)}: the files changed since the run started; a resume continues "
             "only on the inputs the run started with"
         )
+    try:
+        partition = json.loads((run_dir / "partition.json").read_text())
+    except (OSError, ValueError) as error:
+        raise RunNotResumable(f"{run_dir}: partition.json unreadable ({error})") from None
     if not isinstance(partition, dict) or partition.get("clients") != json.loads(
         json.dumps(manifest["clients"])
     ):
