@@ -151,7 +151,7 @@ def test_persisted_optimizer_state_lives_on_disk_per_client(base_recipe: dict) -
     base_recipe["train"]["optimizer_state"] = "persist"
     run = _run(base_recipe).run_dir
     visited = {r["client"] for r in _records(run / "metrics.jsonl", "client")}
-    files = sorted((run / "clients").glob("client-*.safetensors"))
+    files = sorted((run / "private" / "clients").glob("client-*.safetensors"))
     assert [int(f.stem.split("-")[1]) for f in files] == sorted(visited)
     state = load_file(files[0])
     assert any(k.endswith("::exp_avg") and ".lora_B." in k for k in state)

@@ -1,9 +1,10 @@
-"""The in-process federated round: sample clients, run their visits on one model, aggregate linearly.
+"""The server side of a federated round: sample clients, send them the broadcast, sum their uploads.
 
-One base model lives in the process; a client visit writes the client's starting adapter into it in
-place, trains, and reads the result back. The server only ever sees the weighted sum of each stage's
-uploads (see :mod:`fedalign.algorithms.base`), and the bytes each client sends and receives are counted
-here, where the tensors cross between the client and the server side.
+The clients are reached through :class:`fedalign.runtime.clients.LocalClients` (in this process: one base
+model, adapters swapped in place); the privacy mechanism through the points of
+:mod:`fedalign.privacy.mechanism`. The server only ever sees the weighted sum of each stage's uploads (see
+:mod:`fedalign.algorithms.base`), and the bytes each client sends and receives are counted here, where the
+tensors cross between the client and the server side.
 
 Randomness is owned, never global. What the public seed decides (so non-private runs replay exactly):
 client sampling outside client-level DP (its generator's state is in every checkpoint), and each
@@ -20,66 +21,20 @@ fewer says so), and the runtime stops when nobody has budget left.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
-import torch
 
-from fedalign.algorithms.base import (
-    Algorithm,
-    ClientState,
-    GradientTerm,
-    Tensors,
-    low_rank_delta,
-    payload_bytes,
-    select,
-)
+from fedalign.algorithms.base import Algorithm, Tensors, payload_bytes, select
 from fedalign.errors import FedalignError, TrainingDiverged
-from fedalign.models.adapter import AdapterSlots
 from fedalign.privacy.mechanism import Cohort, NoPrivacy
-from fedalign.privacy.randomness import SecretRandomness
 from fedalign.recipe import FederationSection
+from fedalign.runtime.clients import LocalClients, LocalTrainer, Visit, visit_seed
 from fedalign.runtime.faults import ClientFailure, FaultInjector, RoundFailed, non_finite, poison
 from fedalign.runtime.metrics import MetricsLog, PeakMemory
-from fedalign.runtime.state import BaseMoves, ClientStateStore, RoundState
+from fedalign.runtime.state import BaseMoves, RoundState
 
-
-class LocalTrainer(Protocol):
-    """What the runtime needs from local training (:mod:`fedalign.client.sft`, :mod:`fedalign.client.dpo`)."""
-
-    def train(
-        self,
-        rows: Any,
-        steps: int,
-        generator: torch.Generator,
-        optimizer_state: Tensors | None,
-        sample_rate: float | None = None,
-        before_step: Callable[[], None] | None = None,
-        randomness: SecretRandomness | None = None,
-    ) -> Any: ...
-
-
-def visit_seed(seed: int, client: int, round_idx: int) -> int:
-    return int(np.random.SeedSequence([seed, 2, client, round_idx]).generate_state(1)[0])
-
-
-@dataclass
-class Visit:
-    """One client's part in one round, as the server side sees it."""
-
-    client: int
-    weight: float
-    trained: Tensors
-    state: ClientState
-    result: Any
-    bytes_up: int = 0
-    bytes_down: int = 0
-    wall_s: float = 0.0
-    peak_mib: float = 0.0
-    update_norm: float | None = None  # before clipping, under client-level DP
-    fails_after_first_stage: bool = False  # injected ``late`` fault of a multi-stage algorithm
+__all__ = ["Federation", "LocalTrainer", "Visit", "visit_seed"]
 
 
 class _LateFailure(Exception):
@@ -111,31 +66,25 @@ class Federation:
     def __init__(
         self,
         algorithm: Algorithm,
-        slots: AdapterSlots,
-        trainer: LocalTrainer,
-        client_rows: list[Any],
+        clients: LocalClients,
         federation: FederationSection,
-        store: ClientStateStore,
         metrics: MetricsLog,
         *,
         seed: int,
-        persist_optimizer: bool,
-        device: torch.device,
+        memory: PeakMemory,
         privacy: NoPrivacy | None = None,
         faults: FaultInjector | None = None,
         base_moves: BaseMoves | None = None,
     ) -> None:
-        self.algorithm, self.slots, self.trainer = algorithm, slots, trainer
+        self.algorithm, self.clients = algorithm, clients
         self.privacy = privacy or NoPrivacy(federation)
         self.faults = faults or FaultInjector()
         self.base_moves = base_moves
         self.failed_in_a_row = 0
         self.last_client_error: BaseException | None = None  # chained to a failed run (--debug shows it)
-        self.client_rows, self.cfg, self.store, self.metrics = client_rows, federation, store, metrics
-        self.seed, self.persist_optimizer, self.device = seed, persist_optimizer, device
+        self.cfg, self.metrics, self.memory = federation, metrics, memory
         # client sampling outside client-level DP: from the public seed, its state in every checkpoint
         self.sampler = np.random.default_rng(np.random.SeedSequence([seed, 1]))
-        self.memory = PeakMemory(device)
 
     # -- run state ---------------------------------------------------------------------------------------
 
@@ -155,16 +104,16 @@ class Federation:
         self.sampler.bit_generator.state = state.sampler
         self.failed_in_a_row = state.failed_in_a_row
         self.privacy.load_state_dict(state.privacy)
-        self.store.rollback(state.rounds_done)
+        self.clients.store.rollback(state.rounds_done)
         # the algorithm's state, the sampler and the ledgers above; the clients' files and the base below
         if self.base_moves is not None:  # rebuild the moved base, round by round, as the run moved it
             for update in self.base_moves.replay(state.rounds_done):
-                self.slots.add_to_base(low_rank_delta(update))
+                self.clients.move_base(update)
         return state.glob
 
     def restart(self) -> None:
         """A resume with no checkpoint left: the run's start again (no client state, no base moves)."""
-        self.store.rollback(0)
+        self.clients.store.rollback(0)
         if self.base_moves is not None:
             list(self.base_moves.replay(0))
 
@@ -176,46 +125,9 @@ class Federation:
         if self.cfg.weighting == "uniform":
             by_size = [1.0 / len(clients)] * len(clients)
         else:
-            sizes = [len(self.client_rows[c]) for c in clients]
+            sizes = self.clients.sizes(clients)
             by_size = [n / sum(sizes) for n in sizes]
         return self.privacy.weights(clients, by_size)
-
-    def _local_training(self, client: int, round_idx: int, received: Tensors, weight: float) -> Visit:
-        """The client side of a round up to its first upload: load state, start adapter, train K steps."""
-        started = time.perf_counter()
-        self.memory.reset()
-        state = self.store.load(client)
-        self.slots.write(self.algorithm.local_start(round_idx, received, state))
-        self.slots.set_trainable(self.algorithm.trainable(round_idx))
-        seed = visit_seed(self.seed, client, round_idx)
-        torch.manual_seed(seed)  # dropout inside the visit
-        rate, secret = self.privacy.visit(client, round_idx)
-        term = self.algorithm.gradient_term(round_idx, received, state)
-        result = self.trainer.train(
-            self.client_rows[client],
-            self.cfg.local_steps,
-            torch.Generator().manual_seed(seed),
-            state.optimizer if self.persist_optimizer else None,
-            sample_rate=rate,
-            before_step=None if term is None else self._gradient_term_applier(term),
-            randomness=secret,
-        )
-        if self.persist_optimizer:
-            state.optimizer = result.optimizer_state
-        visit = Visit(client, weight, self.slots.read(), state, result, bytes_down=payload_bytes(received))
-        self.privacy.after_visit(client, result.steps)
-        visit.wall_s = time.perf_counter() - started
-        visit.peak_mib = self.memory.read()
-        return visit
-
-    def _gradient_term_applier(self, term: GradientTerm) -> Callable[[], None]:
-        def apply() -> None:
-            with torch.no_grad():
-                for key, param in self.slots.named_trainable().items():
-                    extra = term(key, param.detach())
-                    param.grad = extra.clone() if param.grad is None else param.grad + extra
-
-        return apply
 
     def run_round(self, round_idx: int, glob: Tensors) -> tuple[Tensors, list[Visit]]:
         """One round: returns the new global adapter and the visits (for metrics)."""
@@ -268,12 +180,10 @@ class Federation:
             )
         if self.base_moves is not None:  # every round has its move on disk, empty when there was none
             self.base_moves.save(round_idx + 1, base_update or {})
-        if base_update is not None:  # one shared base here; remote clients apply it too
-            self.slots.add_to_base(low_rank_delta(base_update))
+        if base_update is not None:
+            self.clients.move_base(base_update)
         for visit in visits:
-            visit.state = self.algorithm.local_end(round_idx, visit.trained, visit.state)
-            self.store.save(visit.client, visit.state)
-            visit.trained = {}  # release the client's adapter copy as soon as the round is done
+            self.clients.finish(visit, round_idx)
         peak = max([self.memory.read(), *(v.peak_mib for v in visits)])
         self._log_dropped(round_idx, dropped)
         self._log(round_idx, cohort, visits, time.perf_counter() - started, peak, dropped)
@@ -319,15 +229,14 @@ class Federation:
                 if fault == "slow":
                     time.sleep(self.faults.slow_s)
                 started = time.perf_counter()
-                visit = self._local_training(client, round_idx, received, weight)
+                visit = self.clients.train(client, round_idx, received)
+                visit.weight, visit.bytes_down = weight, payload_bytes(received)
                 visit.wall_s = (
                     time.perf_counter() - started + (self.faults.slow_s if fault == "slow" else 0.0)
                 )
             except (FedalignError, AssertionError):
                 raise  # a bad row (on_bad_row: stop) or a broken invariant: the run's problem
             except Exception as error:  # a client's failure is its own: the round goes on without it
-                for param in self.slots.named_trainable().values():
-                    param.grad = None  # nothing of the failed visit reaches the next client's first step
                 self.last_client_error = error
                 first = (str(error).strip().splitlines() or [""])[0][:160]
                 dropped.append((client, f"raised {type(error).__name__}: {first}"))
@@ -363,9 +272,7 @@ class Federation:
             for visit in visits:
                 if stage > 0 and visit.fails_after_first_stage:
                     raise _LateFailure(visit, stage)
-                upload = self.algorithm.client_upload(stage, round_idx, visit.trained, reply, visit.state)
-                upload, norm = self.privacy.client_transform(upload, start)
-                visit.update_norm = norm if norm is not None else visit.update_norm
+                upload = self.clients.upload(visit, stage, round_idx, reply, start)
                 visit.bytes_up += payload_bytes(upload)
                 uploads.append(upload)
             summed = self.privacy.server_sum(round_idx, uploads, [v.weight for v in visits], start)

@@ -32,6 +32,7 @@ from fedalign.runtime.run import ResumePoint, RunResult, run_federated
 from fedalign.runtime.state import (
     BASE_MOVES,
     CHECKPOINTS,
+    CLIENT_STATE,
     FORMAT_VERSION,
     RUN_INFO,
     BaseMoves,
@@ -96,16 +97,17 @@ def _find_checkpoint(run_dir: Path, recipe: Recipe, console: Console) -> RoundSt
     """The newest checkpoint whose every part is intact; a damaged one is set aside with a warning and
     the one before is used (round 0, the run's start, when none is left)."""
     root = run_dir / CHECKPOINTS
-    for staging in [*root.glob(".round-*"), *(run_dir / "clients" / "checkpoints").glob(".round-*")]:
+    clients = run_dir / PRIVATE_DIR / CLIENT_STATE
+    for staging in [*root.glob(".round-*"), *(clients / "checkpoints").glob(".round-*")]:
         shutil.rmtree(staging, ignore_errors=True)  # a checkpoint being written when the run died
     private_root = run_dir / PRIVATE_DIR / CHECKPOINTS if recipe.privacy.enabled else None
-    store = ClientStateStore(run_dir / "clients")
+    store = ClientStateStore(clients)
     moves = registry()[recipe.algorithm.name].moves_base
     for rounds_done in checkpoint_rounds(root):
         try:
             state = load_checkpoint(root, rounds_done, private_root)
             if not store.has_snapshot(rounds_done):
-                raise DamagedState(f"clients/checkpoints/round-{rounds_done:05d}: missing")
+                raise DamagedState(f"private/clients/checkpoints/round-{rounds_done:05d}: missing")
             if moves:
                 BaseMoves(root / BASE_MOVES).check(rounds_done)
             return state

@@ -10,8 +10,8 @@ directory is created, so a refused run leaves nothing behind. The run directory 
 - ``metrics.jsonl`` (see :mod:`fedalign.runtime.metrics`) and ``loss.png``;
 - ``run.json``: the run-state format version, the task, and every resume;
 - ``checkpoints/round-NNNNN/`` (global adapter, the algorithm's server state, the sampler, a manifest of
-  digests; see :mod:`fedalign.runtime.state`), ``checkpoints/base_moves/`` (FRLoRA), ``clients/`` (idle
-  clients' state, snapshotted per checkpoint);
+  digests; see :mod:`fedalign.runtime.state`), ``checkpoints/base_moves/`` (FRLoRA), ``private/clients/``
+  (idle clients' state, snapshotted per checkpoint);
 - ``private/`` (owner-only): the DP keys, client-private metrics and the privacy ledgers (see
   :mod:`fedalign.runtime.metrics` for what is public and what is not);
 - ``adapter/``: the final adapter as a standard PEFT folder, with the tokenizer (or processor) and its
@@ -52,11 +52,12 @@ from fedalign.models.loading import (
 from fedalign.privacy.mechanism import ClientLevel, ExampleLevel, NoPrivacy
 from fedalign.privacy.randomness import RunSecrets, make_private_dir
 from fedalign.recipe import Recipe
+from fedalign.runtime.clients import LocalClients
 from fedalign.runtime.faults import FaultInjector
 from fedalign.runtime.federation import Federation
 from fedalign.runtime.inputs import changed_inputs, input_fingerprints
 from fedalign.runtime.loop import Schedule, kill_point, run_rounds
-from fedalign.runtime.metrics import CLIENT_METRICS, PRIVATE_DIR, MetricsLog
+from fedalign.runtime.metrics import CLIENT_METRICS, PRIVATE_DIR, MetricsLog, PeakMemory
 from fedalign.runtime.privacy_plan import (
     bind_secrets,
     client_privacy,
@@ -68,6 +69,7 @@ from fedalign.runtime.report import plot_losses, print_summary
 from fedalign.runtime.state import (
     BASE_MOVES,
     CHECKPOINTS,
+    CLIENT_STATE,
     FORMAT_VERSION,
     RUN_INFO,
     BaseMoves,
@@ -379,18 +381,27 @@ def run_federated(
     slots = AdapterSlots(trainer.model)
     privacy = _mechanism(recipe, prepared.client_dp, example_dp, prepared.secrets)
     metrics = _open_metrics(run_dir, recipe, resume)
-    store = ClientStateStore(run_dir / "clients")
-    federation = Federation(
+    store = ClientStateStore(private_dir / CLIENT_STATE)
+    memory = PeakMemory(prepared.device)
+    clients = LocalClients(
         algorithm,
         slots,
         trainer,
         [trainer.rows(ids) for ids in prepared.client_ids],
-        recipe.federation,
         store,
+        privacy,
+        memory,
+        seed=recipe.seed,
+        local_steps=recipe.federation.local_steps,
+        persist_optimizer=recipe.train.optimizer_state == "persist",
+    )
+    federation = Federation(
+        algorithm,
+        clients,
+        recipe.federation,
         metrics,
         seed=recipe.seed,
-        persist_optimizer=recipe.train.optimizer_state == "persist",
-        device=prepared.device,
+        memory=memory,
         privacy=privacy,
         faults=FaultInjector(**recipe.faults.model_dump()),
         base_moves=BaseMoves(run_dir / CHECKPOINTS / BASE_MOVES) if algorithm.moves_base else None,

@@ -4,10 +4,11 @@ the last complete checkpoint intact and recognisable.
 A run's state after round R is a :class:`RoundState` (global adapter, the algorithm's server state, the
 public sampler, the failed-round count, the privacy ledgers) plus two things kept on disk as the run goes:
 
-- idle clients' state (``clients/client-NNNNN.safetensors``: algorithm tensors and, when persisted,
-  optimizer moments), read when a client is sampled and written back when it is done, so idle clients
-  cost no memory. A checkpoint snapshots them as hard links (``clients/checkpoints/round-R/``): a file
-  is only ever replaced by renaming a new one over it, so a link keeps the old contents at no cost;
+- idle clients' state (``private/clients/client-NNNNN.safetensors``: algorithm tensors and, when
+  persisted, optimizer moments), read when a client is sampled and written back when it is done, so idle
+  clients cost no memory; private, since which files exist and when they changed shows who took part. A
+  checkpoint snapshots them as hard links (``private/clients/checkpoints/round-R/``): a file is only
+  ever replaced by renaming a new one over it, so a link keeps the old contents at no cost;
 - the base-weight moves of algorithms that move the base (FRLoRA), one low-rank pair per round
   (``checkpoints/base_moves/round-R.safetensors``), replayed on resume.
 
@@ -38,7 +39,8 @@ from fedalign.algorithms.base import ClientState, Tensors
 FORMAT_VERSION = 1  # of a run directory's state; run.json and every checkpoint manifest carry it
 RUN_INFO = "run.json"
 CHECKPOINTS = "checkpoints"
-SNAPSHOTS = "checkpoints"  # under clients/
+CLIENT_STATE = "clients"  # under private/
+SNAPSHOTS = "checkpoints"  # under private/clients/
 BASE_MOVES = "base_moves"  # under checkpoints/
 
 _OPT = "optimizer::"
