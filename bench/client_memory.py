@@ -33,7 +33,7 @@ from fedalign.runtime.sft import run_sft
 raw = json.loads(sys.argv[1])
 result = run_sft(validate_recipe(raw), Console(file=io.StringIO()))
 adapter = sum(t.numel() * t.element_size() for t in AdapterSlots(result.model).read().values())
-state = sum(f.stat().st_size for f in (result.run_dir / "clients").glob("*.safetensors"))
+state = sum(f.stat().st_size for f in (result.run_dir / "private" / "clients").glob("*.safetensors"))
 print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "adapter_bytes": adapter, "client_state_on_disk_bytes": state}))
 """

@@ -152,7 +152,7 @@ _BROKEN_TEMPLATE = "{% for m in messages %}{{ m.content }\n"
 _LORA = '{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}'
 
 
-def _run_dir(info: str | None = '{"format_version": 1, "task": "sft", "resumes": []}', dp: bool = False,
+def _run_dir(info: str | None = '{"format_version": 2, "task": "sft", "resumes": []}', dp: bool = False,
              extra: dict[str, str] | None = None, changed: str | None = None):  # fmt: skip
     """A run directory as a run leaves it before its first checkpoint (or damaged as ``info``/``extra``
     say), for ``fedalign resume``."""
@@ -302,8 +302,10 @@ CASES = [
     ("resume: no such run", "resume", lambda t: str(t / "runs" / "gone"), [], "no such run directory"),
     ("resume: not a run", "resume", lambda t: str(_write(t / "runs" / "x", "notes.txt", "x").parent), [],
      "not a fedalign run"),
-    ("resume: an older fedalign's run", "resume", _run_dir(None), [], "older than run-state format 1"),
-    ("resume: a newer fedalign's run", "resume", _run_dir('{"format_version": 2, "task": "sft"}'), [],
+    ("resume: a run without run state", "resume", _run_dir(None), [], "without resumable run state"),
+    ("resume: an older run-state format", "resume", _run_dir('{"format_version": 1, "task": "sft"}'), [],
+     "run-state format 1 is older than this fedalign reads (2)"),
+    ("resume: a newer fedalign's run", "resume", _run_dir('{"format_version": 3, "task": "sft"}'), [],
      "upgrade fedalign"),
     ("resume: run.json damaged", "resume", _run_dir('{"format_'), [], "run.json: damaged"),
     ("resume: an override that changes the run", "resume", _run_dir(), ["train.learning_rate=0.1"],

@@ -72,12 +72,11 @@ class Federation:
         *,
         seed: int,
         memory: PeakMemory,
-        privacy: NoPrivacy | None = None,
         faults: FaultInjector | None = None,
         base_moves: BaseMoves | None = None,
     ) -> None:
         self.algorithm, self.clients = algorithm, clients
-        self.privacy = privacy or NoPrivacy(federation)
+        self.privacy: NoPrivacy = clients.privacy  # one mechanism: its client-side and server-side points
         self.faults = faults or FaultInjector()
         self.base_moves = base_moves
         self.failed_in_a_row = 0

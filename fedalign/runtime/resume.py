@@ -55,9 +55,9 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         if (run_dir / "recipe.yaml").is_file():
             raise RunNotResumable(
-                f"{run_dir}: written by a fedalign older than run-state format {FORMAT_VERSION} (no "
-                f"{RUN_INFO}); its checkpoints lack the algorithm's server state and the clients' snapshots, "
-                "so it cannot continue exactly: start it again from its recipe.yaml"
+                f"{run_dir}: written by a fedalign without resumable run state (no {RUN_INFO}); its "
+                "checkpoints lack the algorithm's server state and the clients' snapshots, so it cannot "
+                "continue exactly: start it again from its recipe.yaml"
             )
         raise RunNotResumable(f"{run_dir}: not a fedalign run directory (no {RUN_INFO}, no recipe.yaml)")
     try:
@@ -71,7 +71,10 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
             "upgrade fedalign to resume it"
         )
     if version < FORMAT_VERSION:
-        raise RunNotResumable(f"{path}: run-state format {version} has no resume path to {FORMAT_VERSION}")
+        raise RunNotResumable(
+            f"{path}: run-state format {version} is older than this fedalign reads ({FORMAT_VERSION}) and "
+            "has no upgrade path; start the run again from its recipe.yaml"
+        )
     if task not in ("sft", "dpo"):
         raise RunNotResumable(f"{path}: unknown task {task!r}")
     return info

@@ -402,7 +402,6 @@ def run_federated(
         metrics,
         seed=recipe.seed,
         memory=memory,
-        privacy=privacy,
         faults=FaultInjector(**recipe.faults.model_dump()),
         base_moves=BaseMoves(run_dir / CHECKPOINTS / BASE_MOVES) if algorithm.moves_base else None,
     )

@@ -36,7 +36,8 @@ from safetensors.torch import load_file, save_file
 
 from fedalign.algorithms.base import ClientState, Tensors
 
-FORMAT_VERSION = 1  # of a run directory's state; run.json and every checkpoint manifest carry it
+FORMAT_VERSION = 2  # of a run directory's state; run.json and every checkpoint manifest carry it
+# 2: idle clients' state under private/clients/ (1 kept it in clients/)
 RUN_INFO = "run.json"
 CHECKPOINTS = "checkpoints"
 CLIENT_STATE = "clients"  # under private/
