@@ -19,7 +19,7 @@ from fedalign.data.preferences import load_preferences
 from fedalign.models.loading import attach_lora
 from fedalign.recipe import LoraSection, validate_recipe
 from fedalign.runtime.dpo import GENERATIONS, run_dpo
-from fedalign.runtime.run import START_ADAPTER
+from fedalign.runtime.rundir import START_ADAPTER
 
 from .conftest import TINY_MODEL
 from .dpo_data import dpo_recipe, png, save_tiny_llava, write_spavl_parquet, write_text_pairs

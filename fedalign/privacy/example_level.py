@@ -115,3 +115,9 @@ class ExampleLevelDP:
 
     def to_json(self) -> dict[str, list[list[float]]]:
         return {str(c): ledger.to_json() for c, ledger in self.ledgers.items()}
+
+    def load_json(self, ledgers: dict[str, list[list[float]]]) -> None:
+        """Replace the ledgers by :meth:`to_json`'s (a resumed run); the cached answers go with them."""
+        self.ledgers = {int(c): Ledger.from_json(rows) for c, rows in ledgers.items()}
+        self.spent.clear()
+        self._can_visit.clear()

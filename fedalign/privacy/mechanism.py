@@ -181,10 +181,7 @@ class ExampleLevel(NoPrivacy):
         return {"privacy_ledgers": self.dp.to_json()}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        ledgers = (state or {}).get("privacy_ledgers", {})
-        self.dp.ledgers = {int(c): Ledger.from_json(rows) for c, rows in ledgers.items()}
-        self.dp.spent.clear()
-        self.dp._can_visit.clear()
+        self.dp.load_json((state or {}).get("privacy_ledgers", {}))
 
 
 class ClientLevel(NoPrivacy):

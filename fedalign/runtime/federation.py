@@ -114,7 +114,7 @@ class Federation:
         """A resume with no checkpoint left: the run's start again (no client state, no base moves)."""
         self.clients.store.rollback(0)
         if self.base_moves is not None:
-            list(self.base_moves.replay(0))
+            self.base_moves.truncate(0)
 
     # -- the round ---------------------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,11 +234,15 @@ class BaseMoves:
             raise DamagedState(f"{path.name}: contents do not match its digest")
         return factors
 
-    def replay(self, rounds_done: int):
-        """The moves of rounds 1..R in order; later ones (a round that did not reach its checkpoint) go."""
+    def truncate(self, rounds_done: int) -> None:
+        """Delete the moves after round R (rounds that did not reach their checkpoint)."""
         for path in self.root.glob("round-*.safetensors"):
             if int(path.name[6:11]) > rounds_done:
                 path.unlink()
+
+    def replay(self, rounds_done: int) -> Iterator[Tensors]:
+        """The moves of rounds 1..R in order (after :meth:`truncate`)."""
+        self.truncate(rounds_done)
         for done in range(1, rounds_done + 1):
             yield self._load(done)
 
