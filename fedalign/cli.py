@@ -92,6 +92,40 @@ def dpo(recipe: str = _RECIPE, overrides: list[str] | None = _OVERRIDES) -> None
     _run(run_dpo, recipe, overrides)
 
 
+flower_app = typer.Typer(
+    no_args_is_help=True,
+    help="Run a recipe on Flower: its simulation engine here, or real SuperLink and SuperNodes (README).",
+)
+app.add_typer(flower_app, name="flower")
+_NODES = typer.Option(2, "--nodes", help="virtual Flower nodes; node p hosts clients p, p+N, ...")
+_TASK = typer.Option("sft", "--task", help="sft or dpo")
+_STATE = typer.Option(
+    None, "--state-dir", help="where the nodes keep their state; default OUTPUT_DIR/flower-nodes"
+)
+
+
+@flower_app.command()
+def simulate(
+    recipe: str = _RECIPE,
+    overrides: list[str] | None = _OVERRIDES,
+    nodes: int = _NODES,
+    task: str = _TASK,
+    state_dir: str | None = _STATE,
+) -> None:
+    """The recipe over N virtual nodes on Flower's simulation engine (Ray)."""
+    from pathlib import Path
+
+    if task not in ("sft", "dpo"):
+        _fail(f"--task {task!r}: sft or dpo")
+
+    def run(loaded, console):
+        from fedalign.flower.simulate import simulate as run_simulated
+
+        return run_simulated(loaded, task, nodes, None if state_dir is None else Path(state_dir), console)
+
+    _run(run, recipe, overrides)
+
+
 eval_app = typer.Typer(
     no_args_is_help=True,
     help="Evaluate a checkpoint (a run directory: its base and tuned model side by side).",

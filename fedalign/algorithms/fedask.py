@@ -125,9 +125,13 @@ class FedASK(Algorithm):
 
     def server_step(self, stage: int, round_idx: int, summed: Tensors, glob: Tensors) -> Tensors:
         if stage == 0:
-            # The server keeps Q for stage 1 (it also goes to every client as the reply).
+            # The server keeps Q for stage 1 (it also goes to every client as the reply). Row-major, as
+            # it arrives over a wire: QR returns it column-major, and the clients' matmuls would then take
+            # another kernel in process than on a Flower node (results differing in the last bits).
             self._q = {
-                module + Q_SUFFIX: torch.linalg.qr(summed[module + Y_SUFFIX].float(), mode="reduced").Q
+                module + Q_SUFFIX: torch.linalg.qr(
+                    summed[module + Y_SUFFIX].float(), mode="reduced"
+                ).Q.contiguous()
                 for module in lora_pairs(glob)
             }
             return dict(self._q)

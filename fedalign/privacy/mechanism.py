@@ -168,7 +168,9 @@ class ExampleLevel(NoPrivacy):
         return {
             "epsilon": self.dp.epsilon(visit.client),
             "sample_rate": self.dp.sample_rates[visit.client],
-            "empty_draws": visit.result.steps - len(visit.result.losses),
+            "empty_draws": None  # on Flower, known on the client's node only
+            if visit.result.losses is None
+            else visit.result.steps - len(visit.result.losses),
         }
 
     def epsilon(self) -> float:

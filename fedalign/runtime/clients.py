@@ -1,18 +1,21 @@
 """The client side of a round, for the clients hosted in this process.
 
-A round (:class:`fedalign.runtime.federation.Federation`) talks to its clients through four calls, and
+A round (:class:`fedalign.runtime.federation.Federation`) talks to its clients through these calls, and
 nothing else crosses between the two sides:
 
-- ``train(client, round, received)``: load the client's state, write its starting adapter into the
-  model, train K local steps (under example/pair-level DP with the client's own secret randomness), keep
-  the trained adapter for the stages to come;
-- ``upload(visit, stage, round, reply, start)``: the client's upload for one stage, through the privacy
-  mechanism's client-side step (client-level DP clips here);
+- ``train_all(round, clients, received)``: for each client, load its state, write its starting adapter
+  into the model, train K local steps (under example/pair-level DP with the client's own secret
+  randomness), keep the trained adapter for the stages to come; a client's failure is its outcome;
+- ``upload_all(visits, stage, round, reply, start)``: each client's upload for one stage, through the
+  privacy mechanism's client-side step (client-level DP clips here);
 - ``finish(visit, round)``: what the client keeps (its state, written to disk);
-- ``move_base(update)``: apply a base-weight move (FRLoRA) that the server decided.
+- ``move_base(update)``: apply a base-weight move (FRLoRA) that the server decided;
+- ``sizes(clients)``, ``rollback(rounds_done)``, ``close()``.
 
-In this process every client shares one base model and adapters are swapped in place. On Flower, each
-node hosts its own clients with the same object and the server reaches it through messages.
+In this process every client shares one base model and adapters are swapped in place. On Flower
+(:mod:`fedalign.flower`) each node hosts its clients with this same class, and the server reaches them
+through :class:`fedalign.flower.remote.RemoteClients`, which has these calls too and batches each one
+into one message per node.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 import torch
 
 from fedalign.algorithms.base import Algorithm, ClientState, GradientTerm, Tensors, low_rank_delta
+from fedalign.errors import FedalignError
 from fedalign.models.adapter import AdapterSlots
 from fedalign.privacy.mechanism import NoPrivacy
 from fedalign.privacy.randomness import SecretRandomness
@@ -69,6 +73,29 @@ class Visit:
     fails_after_first_stage: bool = False  # injected ``late`` fault of a multi-stage algorithm
 
 
+class ClientSide(Protocol):
+    """What a round needs from its clients, wherever they run (:class:`LocalClients` in this process,
+    :class:`fedalign.flower.remote.RemoteClients` on Flower nodes)."""
+
+    privacy: NoPrivacy
+
+    def sizes(self, clients: list[int]) -> list[int]: ...
+
+    def train_all(self, round_idx: int, clients: list[int], received: Tensors) -> list[Visit | Exception]: ...
+
+    def upload_all(
+        self, visits: list[Visit], stage: int, round_idx: int, reply: Tensors, start: Tensors
+    ) -> list[Tensors | Exception]: ...
+
+    def finish(self, visit: Visit, round_idx: int) -> None: ...
+
+    def move_base(self, update: Tensors) -> None: ...
+
+    def rollback(self, rounds_done: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class LocalClients:
     """The clients of this process: their data, their state on disk, and one model they all train."""
 
@@ -93,6 +120,31 @@ class LocalClients:
     def sizes(self, clients: list[int]) -> list[int]:
         """Row counts (what ``weighting: examples`` weights by; not covered by ε, see the README)."""
         return [len(self.client_rows[c]) for c in clients]
+
+    def train_all(self, round_idx: int, clients: list[int], received: Tensors) -> list[Visit | Exception]:
+        """Each client's visit, or the exception it raised (its own failure: the round goes on without
+        it). A bad row under ``on_bad_row: stop`` or a broken invariant is the run's problem and raises."""
+        outcomes: list[Visit | Exception] = []
+        for client in clients:
+            try:
+                outcomes.append(self.train(client, round_idx, received))
+            except (FedalignError, AssertionError):
+                raise
+            except Exception as error:
+                outcomes.append(error)
+        return outcomes
+
+    def upload_all(
+        self, visits: list[Visit], stage: int, round_idx: int, reply: Tensors, start: Tensors
+    ) -> list[Tensors | Exception]:
+        return [self.upload(visit, stage, round_idx, reply, start) for visit in visits]
+
+    def rollback(self, rounds_done: int) -> None:
+        """Clients' state as of the checkpoint after ``rounds_done`` rounds (a resume)."""
+        self.store.rollback(rounds_done)
+
+    def close(self) -> None:
+        """Nothing to flush here: every visit's state is on disk when its round ends."""
 
     def train(self, client: int, round_idx: int, received: Tensors) -> Visit:
         """Load state, write the start adapter, train K steps; the visit keeps the trained adapter."""

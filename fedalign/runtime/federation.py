@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 
 from fedalign.algorithms.base import Algorithm, Tensors, payload_bytes, select
-from fedalign.errors import FedalignError, TrainingDiverged
+from fedalign.errors import TrainingDiverged
 from fedalign.privacy.mechanism import Cohort, NoPrivacy
 from fedalign.recipe import FederationSection
-from fedalign.runtime.clients import LocalClients, LocalTrainer, Visit, visit_seed
+from fedalign.runtime.clients import ClientSide, LocalTrainer, Visit, visit_seed
 from fedalign.runtime.faults import ClientFailure, FaultInjector, RoundFailed, non_finite, poison
 from fedalign.runtime.metrics import MetricsLog, PeakMemory
 from fedalign.runtime.state import BaseMoves, RoundState
@@ -40,8 +40,8 @@ __all__ = ["Federation", "LocalTrainer", "Visit", "visit_seed"]
 class _LateFailure(Exception):
     """A client that uploaded in an earlier stage of this round failed before a later one."""
 
-    def __init__(self, visit: Visit, stage: int) -> None:
-        self.visit, self.stage = visit, stage
+    def __init__(self, visit: Visit, stage: int, reason: str = "injected late") -> None:
+        self.visit, self.stage, self.reason = visit, stage, reason
 
 
 def _mean_loss(visits: list[Visit]) -> float | None:
@@ -66,7 +66,7 @@ class Federation:
     def __init__(
         self,
         algorithm: Algorithm,
-        clients: LocalClients,
+        clients: ClientSide,
         federation: FederationSection,
         metrics: MetricsLog,
         *,
@@ -103,7 +103,7 @@ class Federation:
         self.sampler.bit_generator.state = state.sampler
         self.failed_in_a_row = state.failed_in_a_row
         self.privacy.load_state_dict(state.privacy)
-        self.clients.store.rollback(state.rounds_done)
+        self.clients.rollback(state.rounds_done)
         # the algorithm's state, the sampler and the ledgers above; the clients' files and the base below
         if self.base_moves is not None:  # rebuild the moved base, round by round, as the run moved it
             for update in self.base_moves.replay(state.rounds_done):
@@ -112,7 +112,7 @@ class Federation:
 
     def restart(self) -> None:
         """A resume with no checkpoint left: the run's start again (no client state, no base moves)."""
-        self.clients.store.rollback(0)
+        self.clients.rollback(0)
         if self.base_moves is not None:
             self.base_moves.truncate(0)
 
@@ -164,8 +164,8 @@ class Federation:
                 visits.remove(late.visit)
                 late.visit.trained = {}
                 dropped.append(
-                    (late.visit.client, f"failed before stage {late.stage + 1} (injected late); the round's "
-                     "stages ran again without it")
+                    (late.visit.client, f"failed before stage {late.stage + 1} ({late.reason[:160]}); the "
+                     "round's stages ran again without it")
                 )  # fmt: skip
         self.failed_in_a_row = 0
         glob = new_glob if aggregated else glob
@@ -217,29 +217,29 @@ class Federation:
         visits: list[Visit] = []
         dropped: list[tuple[int, str]] = []
         timeout = self.cfg.client_timeout_s
+        planned: list[tuple[int, float, str | None]] = []
         for client, weight in zip(clients, weights, strict=True):
             fault = self.faults.draw(client, round_idx)
             if fault == "drop":
                 dropped.append((client, "no answer (injected drop)"))
+            elif fault == "crash":
+                self.last_client_error = ClientFailure("injected crash")
+                dropped.append((client, "raised ClientFailure: injected crash"))
+            else:
+                planned.append((client, weight, fault))
+        slow = [c for c, _, fault in planned if fault == "slow"]
+        if slow:
+            time.sleep(self.faults.slow_s * len(slow))
+        outcomes = self.clients.train_all(round_idx, [c for c, _, _ in planned], received)
+        for (client, weight, fault), visit in zip(planned, outcomes, strict=True):
+            if isinstance(visit, Exception):  # a client's failure is its own: the round goes on without it
+                self.last_client_error = visit
+                first = (str(visit).strip().splitlines() or [""])[0][:160]
+                dropped.append((client, f"raised {type(visit).__name__}: {first}"))
                 continue
-            try:
-                if fault == "crash":
-                    raise ClientFailure("injected crash")
-                if fault == "slow":
-                    time.sleep(self.faults.slow_s)
-                started = time.perf_counter()
-                visit = self.clients.train(client, round_idx, received)
-                visit.weight, visit.bytes_down = weight, payload_bytes(received)
-                visit.wall_s = (
-                    time.perf_counter() - started + (self.faults.slow_s if fault == "slow" else 0.0)
-                )
-            except (FedalignError, AssertionError):
-                raise  # a bad row (on_bad_row: stop) or a broken invariant: the run's problem
-            except Exception as error:  # a client's failure is its own: the round goes on without it
-                self.last_client_error = error
-                first = (str(error).strip().splitlines() or [""])[0][:160]
-                dropped.append((client, f"raised {type(error).__name__}: {first}"))
-                continue
+            visit.weight, visit.bytes_down = weight, payload_bytes(received)
+            if fault == "slow":
+                visit.wall_s += self.faults.slow_s
             if fault == "nan":
                 poison(visit.trained)
             bad = non_finite(visit.trained)
@@ -267,13 +267,15 @@ class Federation:
         reply: Tensors = {}
         start = select(received, self.algorithm.uploaded_factors(round_idx))
         for stage in range(self.algorithm.num_stages):
-            uploads = []
-            for visit in visits:
-                if stage > 0 and visit.fails_after_first_stage:
-                    raise _LateFailure(visit, stage)
-                upload = self.clients.upload(visit, stage, round_idx, reply, start)
+            late = next((v for v in visits if stage > 0 and v.fails_after_first_stage), None)
+            if late is not None:
+                raise _LateFailure(late, stage)
+            uploads = self.clients.upload_all(visits, stage, round_idx, reply, start)
+            for visit, upload in zip(visits, uploads, strict=True):
+                if isinstance(upload, Exception):  # it answered an earlier stage, then failed (a node died)
+                    self.last_client_error = upload
+                    raise _LateFailure(visit, stage, f"{type(upload).__name__}: {upload}")
                 visit.bytes_up += payload_bytes(upload)
-                uploads.append(upload)
             summed = self.privacy.server_sum(round_idx, uploads, [v.weight for v in visits], start)
             del uploads
             result = self.algorithm.server_step(stage, round_idx, summed, glob)
@@ -323,7 +325,9 @@ class Federation:
                 "round": round_idx + 1,
                 "clients": [v.client for v in visits],
                 "loss": _mean_loss(visits),
-                "examples": sum(v.result.examples for v in visits),
+                "examples": None  # on Flower, clients' example counts stay on their nodes
+                if any(v.result.examples is None for v in visits)
+                else sum(v.result.examples for v in visits),
                 "bytes_up": sum(v.bytes_up for v in visits),
                 "bytes_down": sum(v.bytes_down for v in visits),
                 "wall_s": round(wall_s, 4),

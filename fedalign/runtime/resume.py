@@ -77,6 +77,11 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
         )
     if task not in ("sft", "dpo"):
         raise RunNotResumable(f"{path}: unknown task {task!r}")
+    if info.get("transport", "local") != "local":
+        raise RunNotResumable(
+            f"{run_dir}: a run on Flower nodes; fedalign resume continues runs whose clients ran in this "
+            "process only (the nodes hold the clients' state); start it again with fedalign flower"
+        )
     return info
 
 

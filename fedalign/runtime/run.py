@@ -46,7 +46,7 @@ from fedalign.models.loading import (
 from fedalign.privacy.mechanism import ClientLevel, ExampleLevel, NoPrivacy
 from fedalign.privacy.randomness import RunSecrets
 from fedalign.recipe import Recipe
-from fedalign.runtime.clients import LocalClients
+from fedalign.runtime.clients import ClientSide, LocalClients
 from fedalign.runtime.faults import FaultInjector
 from fedalign.runtime.federation import Federation
 from fedalign.runtime.loop import Schedule, kill_point, run_rounds
@@ -159,44 +159,40 @@ def _progress_line(metrics: MetricsLog, privacy: NoPrivacy, round_idx: int) -> s
     return f"round {round_idx} loss {'-' if loss is None else f'{loss:.4f}'}"
 
 
+class ClientsFactory(Protocol):
+    """Builds the client side of a run once its run directory exists (its state goes in ``private_dir``)."""
+
+    def __call__(self, privacy: NoPrivacy, private_dir: Path, memory: PeakMemory) -> ClientSide: ...
+
+
 @dataclass
-class _Prepared:
-    """Everything a run needs before its run directory exists: validated, loaded, partitioned."""
+class Prepared:
+    """Everything a run needs before its run directory exists: validated, loaded, planned.
+
+    ``model`` holds the adapter the server starts from and saves at the end; ``clients`` builds the
+    client side: here, :class:`LocalClients` over the partitioned data; on Flower, the remote clients of
+    the nodes (:mod:`fedalign.flower.server`). ``transport`` is recorded in ``run.json``.
+    """
 
     algorithm: algorithms.Algorithm
     secrets: RunSecrets | None
     client_dp: Any
     example_dp: Any
-    setup: TaskSetup
-    client_ids: list[list[int]]
+    model: Any
+    processing_class: Any
+    evaluate: Callable[[int, Path], dict[str, float]] | None
+    clients: ClientsFactory
     manifest: dict[str, Any]
     device: torch.device
+    transport: str = "local"
 
 
-def _prepare(recipe: Recipe, task: Task, console: Console, secrets: RunSecrets | None) -> _Prepared:
+def prepare_local(recipe: Recipe, task: Task, console: Console, secrets: RunSecrets | None) -> Prepared:
     """Check the recipe, load data and model, partition, plan the privacy: all that can fail on the inputs
     fails here, before anything is written."""
-    algorithm = algorithms.build(recipe.algorithm, run_context(recipe))
-    secrets = secrets_for(recipe, secrets)
-    client_dp = client_privacy(recipe, algorithm, task.name, task.privacy_units, secrets)
-    if recipe.lora.projector == "full" and not algorithm.full_tensors:
-        raise RecipeError(
-            f"lora.projector: 'full' trains the projector as full tensors, which {algorithm.name}'s server "
-            "step (specific to LoRA factors) does not aggregate; use lora.projector: lora"
-        )
-    task.check(recipe, algorithm)
-    check_model_reachable(recipe.model)
-    task.load_data(recipe, is_vision_language(recipe.model))
-
-    device = resolve_device(recipe.device)
-    loaded = load_model(recipe.model, recipe.lora, recipe.seed, device)
-    setup = task.build(recipe, loaded, console)
+    algorithm, secrets, client_dp = check_recipe(recipe, task, secrets)
+    device, setup, partition = load_and_partition(recipe, task, console)
     trainer = setup.trainer
-    if not setup.kept:
-        raise DataError(
-            f"train.max_length={recipe.train.max_length} leaves no training row with a completion"
-        )
-    partition = make_partition(setup.kept, recipe.partition, recipe.federation.num_clients, recipe.seed)
     example_dp = plan_example_privacy(recipe, partition.sizes())
     if example_dp is not None:
         trainer.make_private(recipe.privacy, example_dp.sigma)
@@ -213,7 +209,65 @@ def _prepare(recipe: Recipe, task: Task, console: Console, secrets: RunSecrets |
     }
     manifest["eval_rows"] = setup.eval_ids
     manifest.update(setup.manifest)
-    return _Prepared(algorithm, secrets, client_dp, example_dp, setup, partition.clients, manifest, device)
+
+    def clients(privacy: NoPrivacy, private_dir: Path, memory: PeakMemory) -> LocalClients:
+        return LocalClients(
+            algorithm,
+            AdapterSlots(trainer.model),
+            trainer,
+            [trainer.rows(ids) for ids in partition.clients],
+            ClientStateStore(private_dir / CLIENT_STATE),
+            privacy,
+            memory,
+            seed=recipe.seed,
+            local_steps=recipe.federation.local_steps,
+            persist_optimizer=recipe.train.optimizer_state == "persist",
+        )
+
+    return Prepared(
+        algorithm,
+        secrets,
+        client_dp,
+        example_dp,
+        trainer.model,
+        setup.processing_class,
+        setup.evaluate,
+        clients,
+        manifest,
+        device,
+    )
+
+
+def check_recipe(
+    recipe: Recipe, task: Task, secrets: RunSecrets | None
+) -> tuple[algorithms.Algorithm, RunSecrets | None, Any]:
+    """The algorithm, the DP keys and the client-level mechanism, after every check that needs no file."""
+    algorithm = algorithms.build(recipe.algorithm, run_context(recipe))
+    secrets = secrets_for(recipe, secrets)
+    client_dp = client_privacy(recipe, algorithm, task.name, task.privacy_units, secrets)
+    if recipe.lora.projector == "full" and not algorithm.full_tensors:
+        raise RecipeError(
+            f"lora.projector: 'full' trains the projector as full tensors, which {algorithm.name}'s server "
+            "step (specific to LoRA factors) does not aggregate; use lora.projector: lora"
+        )
+    task.check(recipe, algorithm)
+    return algorithm, secrets, client_dp
+
+
+def load_and_partition(recipe: Recipe, task: Task, console: Console) -> tuple[torch.device, TaskSetup, Any]:
+    """The model, the task's trainer over the data, and the data's partition into the recipe's clients
+    (also what a Flower node runs, on its own copy of the data)."""
+    check_model_reachable(recipe.model)
+    task.load_data(recipe, is_vision_language(recipe.model))
+    device = resolve_device(recipe.device)
+    loaded = load_model(recipe.model, recipe.lora, recipe.seed, device)
+    setup = task.build(recipe, loaded, console)
+    if not setup.kept:
+        raise DataError(
+            f"train.max_length={recipe.train.max_length} leaves no training row with a completion"
+        )
+    partition = make_partition(setup.kept, recipe.partition, recipe.federation.num_clients, recipe.seed)
+    return device, setup, partition
 
 
 def _open_metrics(run_dir: Path, recipe: Recipe, resume: ResumePoint | None) -> MetricsLog:
@@ -234,20 +288,21 @@ def run_federated(
     console: Console | None = None,
     secrets: RunSecrets | None = None,
     resume: ResumePoint | None = None,
+    prepare: Callable[[Recipe, Task, Console, RunSecrets | None], Prepared] = prepare_local,
 ) -> RunResult:
     """Run ``recipe`` to its end. ``secrets``: the keys of an earlier DP run's private/ folder, to replay it
     exactly (its noise and sampling); by default a DP run draws fresh keys. ``resume``: continue the run
-    in ``resume.run_dir`` from its checkpoint (``recipe`` and ``secrets`` are then that run's own)."""
+    in ``resume.run_dir`` from its checkpoint (``recipe`` and ``secrets`` are then that run's own).
+    ``prepare``: where the clients are (:func:`prepare_local`: in this process)."""
     console = console or Console()
     started = time.perf_counter()
     schedule = resume.schedule if resume is not None else Schedule.of(recipe)
     if resume is None:
         check_output_dir(recipe.output_dir)
-    prepared = _prepare(recipe, task, console, secrets)
-    algorithm, example_dp, setup = prepared.algorithm, prepared.example_dp, prepared.setup
-    trainer = setup.trainer
+    prepared = prepare(recipe, task, console, secrets)
+    algorithm, example_dp = prepared.algorithm, prepared.example_dp
     if resume is None:
-        run_dir = start_run_dir(recipe, task.name, prepared.manifest, prepared.secrets)
+        run_dir = start_run_dir(recipe, task.name, prepared.manifest, prepared.secrets, prepared.transport)
     else:
         run_dir = resume.run_dir
         check_same_inputs(run_dir, recipe, prepared.manifest)
@@ -257,23 +312,12 @@ def run_federated(
     private_dir = run_dir / PRIVATE_DIR
     start = 0 if resume is None else resume.state.rounds_done
 
-    slots = AdapterSlots(trainer.model)
+    slots = AdapterSlots(prepared.model)
     privacy = _mechanism(recipe, prepared.client_dp, example_dp, prepared.secrets)
     metrics = _open_metrics(run_dir, recipe, resume)
-    store = ClientStateStore(private_dir / CLIENT_STATE)
+    store = ClientStateStore(private_dir / CLIENT_STATE)  # on Flower, clients' state is on their nodes
     memory = PeakMemory(prepared.device)
-    clients = LocalClients(
-        algorithm,
-        slots,
-        trainer,
-        [trainer.rows(ids) for ids in prepared.client_ids],
-        store,
-        privacy,
-        memory,
-        seed=recipe.seed,
-        local_steps=recipe.federation.local_steps,
-        persist_optimizer=recipe.train.optimizer_state == "persist",
-    )
+    clients = prepared.clients(privacy, private_dir, memory)
     federation = Federation(
         algorithm,
         clients,
@@ -301,10 +345,10 @@ def run_federated(
             write_text_atomic(ledgers, private_dir / "privacy_ledgers.json", private=True)
 
     def evaluate(round_idx: int, adapter: Tensors) -> dict[str, float]:
-        if setup.evaluate is None:
+        if prepared.evaluate is None:
             return {}
         slots.write(adapter)
-        measured = setup.evaluate(round_idx, run_dir)
+        measured = prepared.evaluate(round_idx, run_dir)
         metrics.write({"type": "eval", "round": round_idx, **measured})
         return measured
 
@@ -353,11 +397,12 @@ def run_federated(
             run_dir=run_dir,
         )
     loop_s = time.perf_counter() - loop_started
+    clients.close()
     after = evaluate(rounds, glob)
     slots.write(glob)
     save_adapter(
-        trainer.model,
-        setup.processing_class,
+        prepared.model,
+        prepared.processing_class,
         run_dir,
         slots.base_weights() if algorithm.moves_base else None,
         recipe.model.adapter,
@@ -373,7 +418,7 @@ def run_federated(
         eval_after=after.get("eval_loss"),
         round_losses=[r["loss"] for r in metrics.of_type("round", private=True)],
         wall_s=wall,
-        model=trainer.model,
+        model=prepared.model,
         metrics_before=before,
         metrics_after=after,
     )

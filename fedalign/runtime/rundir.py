@@ -96,7 +96,9 @@ def save_adapter(
     return final
 
 
-def start_run_dir(recipe: Recipe, task: str, manifest: dict[str, Any], secrets: RunSecrets | None) -> Path:
+def start_run_dir(
+    recipe: Recipe, task: str, manifest: dict[str, Any], secrets: RunSecrets | None, transport: str = "local"
+) -> Path:
     """Create the run directory and write what a run starts with; ``run.json`` last, so that a run directory
     with it holds everything a resume reads."""
     run_dir = new_run_dir(recipe)
@@ -108,7 +110,7 @@ def start_run_dir(recipe: Recipe, task: str, manifest: dict[str, Any], secrets: 
     write_text_atomic(json.dumps(manifest), run_dir / "partition.json")
     # digests of the data and model files: private (a digest of the data confirms a guess of it)
     write_text_atomic(json.dumps(input_fingerprints(recipe)), private_dir / INPUTS, private=True)
-    info = {"format_version": FORMAT_VERSION, "task": task, "resumes": []}
+    info = {"format_version": FORMAT_VERSION, "task": task, "transport": transport, "resumes": []}
     write_text_atomic(json.dumps(info, indent=1), run_dir / RUN_INFO)  # last: a resumable run has it all
     return run_dir
 

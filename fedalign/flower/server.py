@@ -1,0 +1,190 @@
+"""The server's side of a run on Flower: the in-process run (:func:`fedalign.runtime.run.run_federated`) with
+its clients on the nodes.
+
+Only the preparation differs (:func:`flower_preparation`): the server loads the model (for the adapter it
+starts from and saves) but no data, finds which node hosts which clients (``query.hello``), plans the
+privacy from what the nodes report, and hands the round :class:`.remote.RemoteClients`. The round, the
+algorithm's server step, the privacy mechanism's server side, the run directory and the checkpoints are
+the in-process ones.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from rich.console import Console
+
+from fedalign.errors import FedalignError, RecipeError
+from fedalign.flower.remote import Node, RemoteClients
+from fedalign.models.adapter import AdapterSlots
+from fedalign.models.loading import check_model_reachable, load_model, resolve_device
+from fedalign.privacy.mechanism import NoPrivacy
+from fedalign.privacy.randomness import RunSecrets
+from fedalign.recipe import Recipe
+from fedalign.runtime.metrics import PeakMemory
+from fedalign.runtime.privacy_plan import plan_example_privacy
+from fedalign.runtime.run import Prepared, RunResult, Task, check_recipe, run_federated
+
+DEFAULT_TIMEOUT_S = 3600.0  # a node that has not answered a stage within this is dropped from the round
+
+
+class FlowerError(FedalignError):
+    """The federation on Flower cannot run (too few nodes, a node that cannot host its clients)."""
+
+
+class GridMessenger:
+    """Messages through Flower's :class:`Grid`, polled every ``poll_s`` (``send_and_receive`` sleeps 3 s
+    between pulls: most of a stage's overhead on a fast round)."""
+
+    def __init__(self, grid: Grid, poll_s: float = 0.1) -> None:
+        self.grid, self.poll_s = grid, poll_s
+
+    def node_ids(self, wanted: int, timeout: float) -> list[int]:
+        deadline = time.monotonic() + timeout
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= wanted:
+                return nodes
+            if time.monotonic() > deadline:
+                raise FlowerError(
+                    f"{len(nodes)} of {wanted} Flower nodes connected within {timeout:.0f} s; start the "
+                    "SuperNodes (see the README) or lower --nodes"
+                )
+            time.sleep(self.poll_s)
+
+    def send(
+        self, message_type: str, contents: dict[int, RecordDict], timeout: float | None
+    ) -> dict[int, RecordDict | str]:
+        messages = [
+            Message(content, dst_node_id=n, message_type=message_type) for n, content in contents.items()
+        ]
+        ids = set(self.grid.push_messages(messages))
+        replies: dict[int, RecordDict | str] = {}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while ids:
+            for reply in self.grid.pull_messages(list(ids)):
+                ids.discard(reply.metadata.reply_to_message_id)
+                node = reply.metadata.src_node_id
+                replies[node] = f"error: {reply.error.reason}" if reply.has_error() else reply.content
+            if ids and deadline is not None and time.monotonic() > deadline:
+                break
+            if ids:
+                time.sleep(self.poll_s)
+        for node in contents:
+            replies.setdefault(node, f"no answer within {timeout:.0f} s" if timeout else "no answer")
+        return replies
+
+
+def public_fields(recipe: Recipe, task: str, run_key: str) -> dict[str, Any]:
+    """What every message carries: the recipe (public: it is the run config), the task and the run."""
+    return {"recipe": recipe.resolved_yaml(), "task": task, "run-key": run_key}
+
+
+def needs_sizes(recipe: Recipe) -> bool:
+    """Whether the server needs clients' row counts: to weight by examples, or to account example/pair-level
+    DP (each client's sampling rate is batch / rows)."""
+    return recipe.federation.weighting == "examples" or recipe.privacy.unit in ("example", "pair")
+
+
+def discover(
+    messenger: GridMessenger, recipe: Recipe, fields: dict[str, Any], wanted: int, timeout: float
+) -> tuple[list[Node], dict[int, int] | None]:
+    """Which node hosts which clients (every client on exactly one node), and their row counts if needed."""
+    ids = messenger.node_ids(wanted, timeout)
+    config = ConfigRecord({**fields, "want-sizes": needs_sizes(recipe)})
+    replies = messenger.send("query.hello", {n: RecordDict({"run": config}) for n in ids}, timeout)
+    nodes, sizes, hosts = [], {}, {}
+    for node_id, reply in replies.items():
+        if isinstance(reply, str) or "hello" not in reply.config_records:
+            why = reply if isinstance(reply, str) else reply.config_records.get("status", {}).get("node", "?")
+            raise FlowerError(f"Flower node {node_id} cannot host its clients ({why}); see that node's log")
+        hello = reply.config_records["hello"]
+        clients = [int(c) for c in hello["clients"]]
+        for client in clients:
+            if client in hosts:
+                raise FlowerError(f"client {client} is hosted by two nodes ({hosts[client]} and {node_id})")
+            hosts[client] = node_id
+        if "sizes" in hello:
+            sizes.update(dict(zip(clients, (int(n) for n in hello["sizes"]), strict=True)))
+        nodes.append(Node(node_id, tuple(clients)))
+    missing = sorted(set(range(recipe.federation.num_clients)) - set(hosts))
+    if missing:
+        raise FlowerError(
+            f"no Flower node hosts client(s) {missing[:5]} of federation.num_clients="
+            f"{recipe.federation.num_clients}; give every client to one node (node-config clients=...)"
+        )
+    return nodes, (sizes if needs_sizes(recipe) else None)
+
+
+def flower_preparation(
+    messenger: GridMessenger, run_key: str, wanted_nodes: int, timeout: float = DEFAULT_TIMEOUT_S
+) -> Callable[[Recipe, Task, Console, RunSecrets | None], Prepared]:
+    """``run_federated``'s preparation for clients on Flower nodes."""
+
+    def prepare(recipe: Recipe, task: Task, console: Console, secrets: RunSecrets | None) -> Prepared:
+        algorithm, secrets, client_dp = check_recipe(recipe, task, secrets)
+        if algorithm.moves_base:
+            raise RecipeError(
+                f"algorithm: {algorithm.name} moves the base weights on every node; fedalign flower does not "
+                "run it yet"
+            )
+        check_model_reachable(recipe.model)
+        device = resolve_device(recipe.device)
+        loaded = load_model(recipe.model, recipe.lora, recipe.seed, device)
+        fields = public_fields(recipe, task.name, run_key)
+        with console.status(f"waiting for {wanted_nodes} Flower nodes"):
+            nodes, sizes = discover(messenger, recipe, fields, wanted_nodes, timeout)
+        example_dp = None
+        if recipe.privacy.unit in ("example", "pair"):
+            assert sizes is not None
+            example_dp = plan_example_privacy(
+                recipe, [sizes[c] for c in range(recipe.federation.num_clients)]
+            )
+            fields["sigma"] = example_dp.sigma
+        template = AdapterSlots(loaded.model).read()
+
+        def clients(privacy: NoPrivacy, private_dir: Any, memory: PeakMemory) -> RemoteClients:
+            timeout_s = recipe.federation.client_timeout_s or timeout
+            audit = private_dir / "flower_wire.json"
+            return RemoteClients(
+                messenger, nodes, sizes, algorithm, privacy, template, fields, timeout_s, audit
+            )
+
+        manifest = {
+            "transport": "flower",
+            "nodes": [{"node": str(n.node_id), "clients": list(n.clients)} for n in nodes],
+            "row_counts_sent": sizes is not None,
+        }
+        if sizes is not None:
+            console.print(
+                "the nodes sent each client's row count (for "
+                + ("example/pair-level DP accounting" if example_dp is not None else "weighting by examples")
+                + "); row counts are not covered by ε"
+            )
+        return Prepared(
+            algorithm,
+            secrets,
+            client_dp,
+            example_dp,
+            loaded.model,
+            loaded.tokenizer,
+            None,  # held-out evaluation needs data: it runs where the data is (fedalign eval on a node)
+            clients,
+            manifest,
+            device,
+            transport="flower",
+        )
+
+    return prepare
+
+
+def run_on_flower(
+    recipe: Recipe, task: Task, grid: Grid, run_key: str, nodes: int, console: Console | None = None
+) -> RunResult:
+    return run_federated(
+        recipe, task, console, prepare=flower_preparation(GridMessenger(grid), run_key, nodes)
+    )

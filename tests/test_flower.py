@@ -1,0 +1,171 @@
+"""fedalign on Flower (issue 14): the same recipe on Flower nodes gives the in-process run's adapter and
+privacy ledgers, and nothing but the algorithm's uploads and public fields leaves a node.
+
+The simulation tests run Flower's own simulation engine (Ray workers, Flower's messages, the nodes' own
+state); the deployment test (``test_flower_deployment.py``) runs a real SuperLink and SuperNodes."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord
+from rich.console import Console
+from safetensors.torch import load_file
+
+from fedalign.errors import RecipeError
+from fedalign.flower.node import NodeSettings
+from fedalign.flower.simulate import simulate
+from fedalign.flower.wire import WireError, decode, encode
+from fedalign.recipe import validate_recipe
+from fedalign.runtime.sft import run_sft
+
+from .conftest import small_recipe
+
+
+def _console() -> Console:
+    return Console(file=io.StringIO(), width=200)
+
+
+def flower_recipe(tmp_path: Path, algorithm: str, unit: str) -> dict:
+    raw = small_recipe(tmp_path)
+    raw["data"] |= {"max_rows": 80, "holdout": 10}
+    raw["federation"] |= {"num_clients": 4, "clients_per_round": 3, "rounds": 2, "local_steps": 1}
+    raw["train"]["batch_size"] = 4
+    raw["algorithm"] = {"name": algorithm}
+    raw["eval"]["every"] = 0
+    raw["privacy"] = {"unit": unit, "target_epsilon": 8.0, "delta": 1e-3, "randomness": "seeded"}
+    if unit == "client":
+        raw["privacy"] |= {"noise_multiplier": 0.5, "target_epsilon": None}
+        raw["federation"]["weighting"] = "uniform"
+    return raw
+
+
+def _ledgers(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _same_adapter(a: Path, b: Path) -> None:
+    left, right = (
+        load_file(a / "adapter" / "adapter_model.safetensors"),
+        load_file(b / "adapter" / "adapter_model.safetensors"),
+    )
+    assert left.keys() == right.keys()
+    for key in left:
+        torch.testing.assert_close(left[key], right[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "unit"),
+    [("fedask", "example"), ("fedavg", "client")],
+    ids=["fedask-example-dp-noise-on-nodes", "fedavg-client-dp-noise-on-server"],
+)
+def test_simulation_matches_in_process_and_sends_only_uploads(
+    tmp_path: Path, algorithm: str, unit: str
+) -> None:
+    recipe = validate_recipe(flower_recipe(tmp_path, algorithm, unit))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as Flower's workers (one CPU each): the same float reduction order
+    try:
+        local = run_sft(recipe, _console())
+    finally:
+        torch.set_num_threads(threads)
+    nodes_dir = tmp_path / "nodes"
+    flower = simulate(recipe, "sft", 3, nodes_dir, _console())
+
+    _same_adapter(local.run_dir, flower.run_dir)
+    public = [json.loads(line) for line in (flower.run_dir / "metrics.jsonl").read_text().splitlines()]
+    reference = [json.loads(line) for line in (local.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rounds = [{k: v for k, v in r.items() if k != "wall_s"} for r in public if r["type"] == "round"]
+    assert rounds == [
+        {k: v for k, v in r.items() if k != "wall_s"} for r in reference if r["type"] == "round"
+    ]
+    summary = next(r for r in public if r["type"] == "summary")
+    assert summary["epsilon"] == pytest.approx(
+        local.run_dir and next(r for r in reference if r["type"] == "summary")["epsilon"]
+    )
+
+    # every node's clients: state and ledgers on the node, never in the server's run directory
+    node_roots = sorted(nodes_dir.glob("node-*/run-*"))
+    assert len(node_roots) == 3
+    assert not any((flower.run_dir / "private" / "clients").glob("client-*"))
+    if unit == "example":  # the ledgers: in-process == the server's copy == the nodes' own, merged
+        in_process = _ledgers(local.run_dir / "private" / "privacy_ledgers.json")
+        assert _ledgers(flower.run_dir / "private" / "privacy_ledgers.json") == in_process
+        merged: dict = {}
+        for root in node_roots:
+            merged |= _ledgers(root / "privacy_ledgers.json")
+        assert merged == in_process
+        losses = [
+            json.loads(line)
+            for root in node_roots
+            for line in (root / "metrics.jsonl").read_text().splitlines()
+        ]
+        assert losses and all(r["type"] == "client" and r["loss"] is not None for r in losses)
+
+    # the wire: what every reply held, as Flower delivered it
+    wire = json.loads((flower.run_dir / "private" / "flower_wire.json").read_text())
+    stages = {"train.visit": "_Y" if algorithm == "fedask" else None, "train.stage": "_P"}
+    for reply in wire["replies"]:
+        assert reply["metrics"] == {}, reply
+        if reply["type"] == "query.hello":
+            assert set(reply["configs"]) == {"hello"}
+            sent = set(reply["configs"]["hello"])
+            assert sent == ({"clients", "sizes"} if unit == "example" else {"clients"})
+            assert not reply["arrays"]
+            continue
+        if reply["type"] == "query.commit":
+            assert reply["configs"] == {"status": {"node": "ok"}} and not reply["arrays"]
+            continue
+        assert reply["type"] in stages
+        allowed_configs = {"status", "steps"} if reply["type"] == "train.visit" else {"status"}
+        assert set(reply["configs"]) == allowed_configs
+        assert set(reply["configs"]["status"].values()) == {"ok"}
+        if "steps" in reply["configs"]:
+            assert set(reply["configs"]["steps"].values()) == {recipe.federation.local_steps}
+        assert reply["arrays"] and all(name.startswith("upload.") for name in reply["arrays"])
+        for keys in reply["arrays"].values():
+            suffix = stages[reply["type"]]
+            if suffix is None:  # FedAvg: the trained factors, nothing else
+                assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+            else:
+                assert keys and all(k.endswith(suffix) for k in keys), keys
+    assert wire["bytes_up"] > 0 and wire["bytes_down"] > 0
+
+
+def test_wire_refuses_wrong_missing_extra_key_or_shape() -> None:
+    good = {"m.lora_A.weight": torch.ones(2, 3), "m.lora_B.weight": torch.zeros(3, 2)}
+    expected = {k: tuple(v.shape) for k, v in good.items()}
+    assert decode(encode(good), expected, "x").keys() == good.keys()
+    missing = encode({"m.lora_A.weight": good["m.lora_A.weight"]})
+    with pytest.raises(WireError, match=r"client 1's upload: refused, missing m\.lora_B\.weight"):
+        decode(missing, expected, "client 1's upload")
+    extra = encode({**good, "loss": torch.ones(1)})
+    with pytest.raises(WireError, match="unexpected loss"):
+        decode(extra, expected, "client 1's upload")
+    with pytest.raises(WireError, match=r"m.lora_A.weight has shape \(3, 2\), expected \(2, 3\)"):
+        decode(encode({**good, "m.lora_A.weight": torch.ones(3, 2)}), expected, "u")
+    ints = ArrayRecord(
+        {
+            **{k: Array(v.numpy()) for k, v in good.items()},
+            "m.lora_B.weight": Array(np.ones((3, 2), dtype=np.int64)),
+        }
+    )
+    with pytest.raises(WireError, match="int64, expected floating point"):
+        decode(ints, expected, "u")
+
+
+def test_node_settings_from_node_config(tmp_path: Path) -> None:
+    settings = NodeSettings.parse({"clients": "0,3", "state-dir": str(tmp_path)}, 4)
+    assert settings.clients == (0, 3) and settings.state_dir == tmp_path
+    assert NodeSettings.parse({"partition-id": 1, "num-partitions": 2}, 5, tmp_path).clients == (1, 3)
+    with pytest.raises(RecipeError, match=r"each must be in 0\.\.3"):
+        NodeSettings.parse({"clients": "4", "state-dir": "x"}, 4)
+    with pytest.raises(RecipeError, match="needs state-dir"):
+        NodeSettings.parse({"clients": "1"}, 4)
+    with pytest.raises(RecipeError, match="exactly one client"):
+        NodeSettings.parse({"clients": "1,2", "state-dir": "x", "data-path": "d.jsonl"}, 4)
