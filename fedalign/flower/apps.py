@@ -18,16 +18,16 @@ run config (``recipe``, the resolved YAML; ``task``; ``nodes``).
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedalign.recipe import Recipe, validate_recipe
+if TYPE_CHECKING:  # the ClientApp's process stays light: it only forwards to the node's worker
+    from fedalign.recipe import Recipe
 
 log = logging.getLogger("fedalign.flower")
 
@@ -43,6 +43,8 @@ def _task(name: str) -> Any:
 
 
 def _recipe(text: str) -> Recipe:
+    from fedalign.recipe import validate_recipe
+
     return validate_recipe(yaml.safe_load(text), "run config: recipe")
 
 
@@ -70,105 +72,88 @@ def server_app(recipe: Recipe | None = None, task: str | None = None, nodes: int
     return app
 
 
-def client_app(state_root: Path | None = None) -> ClientApp:
-    """A ClientApp; ``state_root``: where simulated nodes keep their state (``node-<partition-id>/``)."""
-    app = ClientApp()
+def handle(
+    message_type: str, content: RecordDict, node_config: dict[str, Any], state_root: Path | None
+) -> RecordDict:
+    """A message's reply content on this node (in the ClientApp's process, or in the node's worker)."""
+    import torch
 
-    def runtime(msg: Message, context: Context):
-        from fedalign.flower.node import NodeSettings, runtime_for
+    from fedalign.flower.node import NodeSettings, runtime_for
+    from fedalign.flower.wire import decode, encode
 
-        fields = msg.content.config_records["run"]
+    try:
+        fields = content.config_records["run"]
         recipe = _recipe(str(fields["recipe"]))
-        root = state_root or (
-            Path(os.environ["FEDALIGN_NODE_STATE"]) if "FEDALIGN_NODE_STATE" in os.environ else None
-        )
-        settings = NodeSettings.parse(dict(context.node_config), recipe.federation.num_clients, root)
+        settings = NodeSettings.parse(node_config, recipe.federation.num_clients, state_root)
         node = runtime_for(recipe, _task(str(fields["task"])), settings, str(fields["run-key"]))
-        finished = (
-            list(zip(fields["finished-rounds"], fields["finished-clients"], strict=True))
-            if "finished-rounds" in fields
-            else []
-        )
-        if "through-round" in fields:
+        if "through-round" in fields:  # the server's decisions on earlier rounds, before anything else
+            finished = zip(fields["finished-rounds"], fields["finished-clients"], strict=True)
             node.commit([(int(r), int(c)) for r, c in finished], int(fields["through-round"]))
-        if msg.metadata.message_type.startswith("train."):  # the server's public plan, before any training
+        if message_type.startswith("train."):  # the server's public plan, before any training
             node.plan(float(fields["sigma"]) if "sigma" in fields else None)
-        return node, fields
-
-    def failed(msg: Message, error: Exception) -> Message:
-        log.exception("fedalign node: %s failed", msg.metadata.message_type)
-        return Message(RecordDict({"status": ConfigRecord({"node": type(error).__name__})}), reply_to=msg)
-
-    @app.query("hello")
-    def hello(msg: Message, context: Context) -> Message:
-        try:
-            node, fields = runtime(msg, context)
+        if message_type == "query.hello":
             sizes = node.sizes()
-            hello = {"clients": sorted(sizes)}
+            hello: dict[str, Any] = {"clients": sorted(sizes)}
             if bool(fields["want-sizes"]):
                 hello["sizes"] = [sizes[c] for c in sorted(sizes)]
-            return Message(RecordDict({"hello": ConfigRecord(hello)}), reply_to=msg)
-        except Exception as error:
-            return failed(msg, error)
-
-    @app.train("visit")
-    def visit(msg: Message, context: Context) -> Message:
-        from fedalign.flower.wire import decode, encode
-
-        try:
-            node, fields = runtime(msg, context)
-            round_idx = int(fields["round"])
-            received = decode(
-                msg.content.array_records["received"], node.expected_broadcast(round_idx), "the broadcast"
-            )
-            outcomes = node.train(round_idx, [int(c) for c in fields["clients"]], received)
-        except Exception as error:
-            return failed(msg, error)
-        content = RecordDict()
-        status, steps = {}, {}
-        for client, outcome in outcomes.items():
-            if isinstance(outcome, str):
-                status[str(client)] = outcome
-                continue
-            upload, steps[str(client)] = outcome
-            status[str(client)] = "ok"
-            content[f"upload.{client}"] = encode(upload)
-        content["status"] = ConfigRecord(status)
-        content["steps"] = ConfigRecord(steps)
-        return Message(content, reply_to=msg)
-
-    @app.train("stage")
-    def stage(msg: Message, context: Context) -> Message:
-        import torch
-
-        from fedalign.flower.wire import encode
-
-        try:
-            node, fields = runtime(msg, context)
-            record = msg.content.array_records["reply"]
+            return RecordDict({"hello": ConfigRecord(hello)})
+        if message_type == "query.commit":
+            return RecordDict({"status": ConfigRecord({"node": "ok"})})
+        round_idx, clients = int(fields["round"]), [int(c) for c in fields["clients"]]
+        if message_type == "train.visit":
+            expected = node.expected_broadcast(round_idx)
+            received = decode(content.array_records["received"], expected, "the broadcast")
+            outcomes: dict[int, Any] = node.train(round_idx, clients, received)
+        elif message_type == "train.stage":
+            record = content.array_records["reply"]
             reply = {k: torch.from_numpy(record[k].numpy().copy()) for k in record}
-            outcomes = node.stage(
-                int(fields["round"]), int(fields["stage"]), [int(c) for c in fields["clients"]], reply
-            )
-        except Exception as error:
-            return failed(msg, error)
-        content = RecordDict()
-        status = {}
-        for client, outcome in outcomes.items():
-            status[str(client)] = outcome if isinstance(outcome, str) else "ok"
-            if not isinstance(outcome, str):
-                content[f"upload.{client}"] = encode(outcome)
-        content["status"] = ConfigRecord(status)
+            outcomes = node.stage(round_idx, int(fields["stage"]), clients, reply)
+        else:
+            raise ValueError(f"unknown message type {message_type!r}")
+    except Exception as error:
+        log.exception("fedalign node: %s failed", message_type)
+        return RecordDict({"status": ConfigRecord({"node": type(error).__name__})})
+    reply_content = RecordDict()
+    status, steps = {}, {}
+    for client, outcome in outcomes.items():
+        if isinstance(outcome, str):
+            status[str(client)] = outcome
+            continue
+        status[str(client)] = "ok"
+        upload = outcome[0] if isinstance(outcome, tuple) else outcome
+        if isinstance(outcome, tuple):
+            steps[str(client)] = outcome[1]
+        reply_content[f"upload.{client}"] = encode(upload)
+    reply_content["status"] = ConfigRecord(status)
+    if message_type == "train.visit":
+        reply_content["steps"] = ConfigRecord(steps)
+    return reply_content
+
+
+def client_app(state_root: Path | None = None) -> ClientApp:
+    """A ClientApp; ``state_root``: where simulated nodes keep their state (``node-<partition-id>/``).
+
+    A node with a ``state-dir`` (a deployed SuperNode) hands each message to its long-lived worker
+    (:mod:`.worker`, started by the first message), which keeps the model loaded: Flower starts a fresh
+    ClientApp process per message, which would otherwise load it every time. ``worker=false`` in the
+    node config handles messages in the ClientApp's own process instead."""
+    app = ClientApp()
+
+    def answer(msg: Message, context: Context) -> Message:
+        node_config = dict(context.node_config)
+        message_type = msg.metadata.message_type
+        if "state-dir" in node_config and node_config.get("worker", True) not in (False, "false"):
+            from fedalign.flower.worker import forward
+
+            content = forward(Path(str(node_config["state-dir"])), message_type, msg.content, node_config)
+        else:
+            content = handle(message_type, msg.content, node_config, state_root)
         return Message(content, reply_to=msg)
 
-    @app.query("commit")
-    def commit(msg: Message, context: Context) -> Message:
-        try:
-            runtime(msg, context)
-        except Exception as error:
-            return failed(msg, error)
-        return Message(RecordDict({"status": ConfigRecord({"node": "ok"})}), reply_to=msg)
-
+    for action in ("hello", "commit"):
+        app.query(action)(answer)
+    for action in ("visit", "stage"):
+        app.train(action)(answer)
     return app
 
 

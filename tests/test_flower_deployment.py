@@ -1,0 +1,172 @@
+"""fedalign on Flower's deployment engine (issue 14): a real SuperLink and three SuperNodes on 127.0.0.1,
+each a separate process with its own Flower home, the app submitted with ``flwr run`` (the FAB of
+``flower-app/``), every process stopped by its PID at the end.
+
+FedASK with example-level DP (seeded noise, so that the runs can be compared) ends with the in-process
+run's adapter and ledgers: the server's copy and each node's own."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import tomli_w
+from rich.console import Console
+
+from fedalign.recipe import validate_recipe
+from fedalign.runtime.sft import run_sft
+
+from .conftest import REPO
+from .test_flower import _same_adapter, flower_recipe
+
+BIN = Path(sys.executable).parent
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env(home: Path) -> dict[str, str]:
+    home.mkdir(parents=True, exist_ok=True)
+    return {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # Flower starts its own executables
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
+
+
+def _wait_for(port: int, process: subprocess.Popen, log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"port {port} not open after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+class Processes:
+    """Every process the test starts, stopped by PID (SIGTERM, then SIGKILL) whatever happens."""
+
+    def __init__(self, logs: Path, workers: Path) -> None:
+        self.logs, self.started, self.workers = logs, [], workers
+        logs.mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
+        log = self.logs / f"{name}.log"
+        process = subprocess.Popen(
+            args,
+            env=env,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            cwd=self.logs,
+            start_new_session=True,
+        )
+        self.started.append(process)
+        return process, log
+
+    def stop(self) -> None:
+        # the nodes' workers (started by their first message; each wrote its PID in its state dir)
+        for pid_file in self.workers.glob("node-*/worker.pid"):
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGTERM)
+            except (ProcessLookupError, ValueError):
+                pass
+        for process in reversed(self.started):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.started:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+@pytest.fixture
+def processes(tmp_path: Path):
+    started = Processes(tmp_path / "logs", tmp_path / "nodes")
+    yield started
+    started.stop()
+    assert all(p.poll() is not None for p in started.started)
+
+
+def test_superlink_and_three_supernodes_match_in_process(tmp_path: Path, processes: Processes) -> None:
+    raw = flower_recipe(tmp_path, "fedask", "example")
+    recipe = validate_recipe(raw)
+    local = run_sft(recipe, Console(file=io.StringIO()))
+
+    port = _port()
+    link, link_log = processes.start(
+        "superlink",
+        [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
+         "--disable-runtime-dependency-installation", "--database", str(tmp_path / "link.db")],
+        _env(tmp_path / "homes" / "link"),
+    )  # fmt: skip
+    _wait_for(port, link, link_log)
+    hosted = {0: "0,3", 1: "1", 2: "2"}  # four clients on three nodes
+    for node, clients in hosted.items():
+        config = f'clients="{clients}" state-dir="{tmp_path / "nodes" / f"node-{node}"}"'
+        processes.start(
+            f"supernode-{node}",
+            [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+             "--port", str(_port()), "--node-config", config],
+            _env(tmp_path / "homes" / f"node-{node}"),
+        )  # fmt: skip
+    cli_home = tmp_path / "homes" / "cli"
+    cli_home.mkdir(parents=True)
+    (cli_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    run_config = tmp_path / "run-config.toml"
+    run_config.write_text(tomli_w.dumps({"recipe": recipe.resolved_yaml(), "task": "sft", "nodes": 3}))
+    submit, submit_log = processes.start(
+        "flwr-run",
+        [
+            str(BIN / "flwr"),
+            "run",
+            str(REPO / "flower-app"),
+            "deploy",
+            "--stream",
+            "--run-config",
+            str(run_config),
+        ],
+        _env(cli_home),
+    )
+    deadline = time.monotonic() + 420
+    runs = Path(recipe.output_dir)
+    while time.monotonic() < deadline:
+        done = [d for d in runs.glob("test-*") if d != local.run_dir and (d / "adapter").is_dir()]
+        if done or submit.poll() not in (None, 0):
+            break
+        time.sleep(1)
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in sorted(processes.logs.glob("*.log")))
+    assert done, f"no Flower run finished:\n{logs}"
+    flower_dir = done[0]
+
+    _same_adapter(local.run_dir, flower_dir)
+    in_process = json.loads((local.run_dir / "private" / "privacy_ledgers.json").read_text())
+    assert json.loads((flower_dir / "private" / "privacy_ledgers.json").read_text()) == in_process
+    merged: dict = {}
+    for root in sorted((tmp_path / "nodes").glob("node-*/run-*")):
+        merged |= json.loads((root / "privacy_ledgers.json").read_text())
+    assert merged == in_process
+    assert link.poll() is None  # the SuperLink kept serving throughout
