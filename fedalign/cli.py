@@ -126,6 +126,23 @@ def simulate(
     _run(run, recipe, overrides)
 
 
+@flower_app.command(name="run-config")
+def flower_run_config(
+    recipe: str = _RECIPE, overrides: list[str] | None = _OVERRIDES, nodes: int = _NODES, task: str = _TASK
+) -> None:
+    """Print the run config (TOML) for `flwr run flower-app SUPERLINK --run-config FILE`: the resolved
+    recipe, the task and how many nodes the server waits for."""
+    if task not in ("sft", "dpo"):
+        _fail(f"--task {task!r}: sft or dpo")
+
+    def show(loaded, console):
+        import tomli_w
+
+        print(tomli_w.dumps({"recipe": loaded.resolved_yaml(), "task": task, "nodes": nodes}), end="")
+
+    _run(show, recipe, overrides)
+
+
 eval_app = typer.Typer(
     no_args_is_help=True,
     help="Evaluate a checkpoint (a run directory: its base and tuned model side by side).",
