@@ -7,6 +7,7 @@ run's adapter and ledgers: the server's copy and each node's own."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -86,10 +87,8 @@ class Processes:
     def stop(self) -> None:
         # the nodes' workers (started by their first message; each wrote its PID in its state dir)
         for pid_file in self.workers.glob("node-*/worker.pid"):
-            try:
+            with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid_file.read_text()), signal.SIGTERM)
-            except (ProcessLookupError, ValueError):
-                pass
         for process in reversed(self.started):
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
@@ -134,11 +133,12 @@ def test_superlink_and_three_supernodes_match_in_process(tmp_path: Path, process
     cli_home = tmp_path / "homes" / "cli"
     cli_home.mkdir(parents=True)
     (cli_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+        f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
     )
     run_config = tmp_path / "run-config.toml"
     run_config.write_text(tomli_w.dumps({"recipe": recipe.resolved_yaml(), "task": "sft", "nodes": 3}))
-    submit, submit_log = processes.start(
+    submit, _ = processes.start(
         "flwr-run",
         [
             str(BIN / "flwr"),

@@ -142,12 +142,16 @@ def client_app(state_root: Path | None = None) -> ClientApp:
     def answer(msg: Message, context: Context) -> Message:
         node_config = dict(context.node_config)
         message_type = msg.metadata.message_type
-        if "state-dir" in node_config and node_config.get("worker", True) not in (False, "false"):
-            from fedalign.flower.worker import forward
+        try:
+            if "state-dir" in node_config and node_config.get("worker", True) not in (False, "false"):
+                from fedalign.flower.worker import forward
 
-            content = forward(Path(str(node_config["state-dir"])), message_type, msg.content, node_config)
-        else:
-            content = handle(message_type, msg.content, node_config, state_root)
+                content = forward(Path(str(node_config["state-dir"])), message_type, msg.content, node_config)
+            else:
+                content = handle(message_type, msg.content, node_config, state_root)
+        except Exception as error:  # its text may name the node's paths: it stays in the node's log
+            log.exception("fedalign node: %s failed", message_type)
+            content = RecordDict({"status": ConfigRecord({"node": type(error).__name__})})
         return Message(content, reply_to=msg)
 
     for action in ("hello", "commit"):

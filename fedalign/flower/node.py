@@ -120,6 +120,9 @@ class NodeRuntime:
             persist_optimizer=self.recipe.train.optimizer_state == "persist",
         )
         self.template = AdapterSlots(self.trainer.model).read()
+        self.algorithm.init_global(
+            self.template
+        )  # client-side state some algorithms set up here (FedSA's B₀)
 
     def sizes(self) -> dict[int, int]:
         return {client: len(rows) for client, rows in self.rows.items()}
@@ -190,7 +193,7 @@ class NodeRuntime:
         """The server's word on earlier rounds: ``finished`` (round, client) visits become the clients'
         state; every other pending visit of a round up to ``through_round`` is dropped."""
         for round_idx, client in finished:
-            pending = ClientStateStore(self._pending(round_idx) / "state")
+            pending = ClientStateStore(self._pending(round_idx) / "end")
             if (self._pending(round_idx) / "done").joinpath(str(client)).exists():
                 self.clients.store.save(client, pending.load(client))
         root = self.root / "pending"
@@ -211,7 +214,11 @@ class NodeRuntime:
         self._load_ledgers()
         start = select(received, self.algorithm.uploaded_factors(round_idx))
         out: dict[int, tuple[Tensors, int] | str] = {}
-        for client, visit in zip(clients, self.clients.train_all(round_idx, clients, received), strict=True):
+        try:
+            visits = self.clients.train_all(round_idx, clients, received)
+        finally:  # whatever stopped the message, the spend of the visits that trained is on disk
+            self._save_ledgers()
+        for client, visit in zip(clients, visits, strict=True):
             if isinstance(visit, Exception):
                 self._log(
                     {"type": "client_failed", "round": round_idx + 1, "client": client, "error": repr(visit)}
@@ -253,16 +260,18 @@ class NodeRuntime:
         return out
 
     def _keep(self, visit: Visit, round_idx: int, stage: int) -> None:
-        """Keep the visit on disk for the stages to come; after the last, what it would keep (pending)."""
+        """Keep the visit on disk: after a stage with more to come, its trained adapter and state (what
+        the next stage, or a rerun of it without a lost client, starts from); after the last, what the
+        client would keep (``end/``, which a commit makes its state). All of it goes when the round is
+        decided."""
         folder = self._pending(round_idx)
-        store = ClientStateStore(folder / "state")
         if stage == self.algorithm.num_stages - 1:
-            store.save(visit.client, self.algorithm.local_end(round_idx, visit.trained, visit.state))
-            (folder / "trained" / f"{visit.client}.safetensors").unlink(missing_ok=True)
+            end = self.algorithm.local_end(round_idx, visit.trained, visit.state)
+            ClientStateStore(folder / "end").save(visit.client, end)
             (folder / "done").mkdir(parents=True, exist_ok=True)
             (folder / "done" / str(visit.client)).touch()
         else:
-            store.save(visit.client, visit.state)
+            ClientStateStore(folder / "state").save(visit.client, visit.state)
             (folder / "trained").mkdir(parents=True, exist_ok=True)
             save_tensors_atomic(visit.trained, folder / "trained" / f"{visit.client}.safetensors")
 

@@ -18,6 +18,7 @@ sampling rates of example/pair-level DP accounting), once, at discovery; the run
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,8 @@ from fedalign.privacy.mechanism import NoPrivacy
 from fedalign.runtime.clients import Visit
 from fedalign.runtime.faults import ClientFailure
 from fedalign.runtime.state import write_text_atomic
+
+log = logging.getLogger("fedalign.flower")
 
 
 class NodeFailure(ClientFailure):
@@ -87,13 +90,15 @@ class RemoteClients:
         fields: dict[str, Any],
         timeout: float | None,
         audit: Path | None = None,
+        local_steps: int = 1,
     ) -> None:
         self.messenger, self.nodes, self._sizes = messenger, nodes, sizes
         self.algorithm, self.privacy, self.template = algorithm, privacy, template
-        self.fields, self.timeout, self.audit = fields, timeout, audit
+        self.fields, self.timeout, self.audit, self.local_steps = fields, timeout, audit, local_steps
         self.owner = {client: node.node_id for node in nodes for client in node.clients}
         self._finished: dict[int, list[tuple[int, int]]] = defaultdict(list)
         self._received: Tensors = {}
+        self._in_flight: dict[int, list[tuple[int, int]]] = {}  # commits sent, until their node answers
         self.wire = WireCount()
 
     def sizes(self, clients: list[int]) -> list[int]:
@@ -107,6 +112,7 @@ class RemoteClients:
         """The run's public fields, this message's round, stage and clients, and the server's decisions
         on earlier rounds for this node's clients (popped: each is sent once)."""
         finished = self._finished.pop(node_id, [])
+        self._in_flight[node_id] = finished
         return RecordDict(
             {
                 "run": ConfigRecord(
@@ -128,6 +134,15 @@ class RemoteClients:
             self.wire.down += sum(record_bytes(r) for r in content.array_records.values())
         replies = self.messenger.send(message_type, contents, self.timeout)
         for node_id, reply in replies.items():
+            sent = self._in_flight.pop(node_id, [])
+            node_failed = isinstance(reply, str) or reply.config_records.get("status", {}).get(
+                "node"
+            ) not in (
+                None,
+                "ok",
+            )
+            if node_failed and sent:  # its node never took them in: they go with its next message
+                self._finished[node_id] = sent + self._finished[node_id]
             if not isinstance(reply, str):
                 self.wire.up += sum(record_bytes(r) for r in reply.array_records.values())
                 self.wire.replies.append(
@@ -193,6 +208,8 @@ class RemoteClients:
         expected = self._expected(0, round_idx, {})
         for client, got in zip(clients, self._uploads(replies, clients, 0, expected), strict=True):
             if isinstance(got, Exception):
+                if type(got) is not ClientFailure:  # no answer, or a refused one: it may have trained
+                    self.privacy.after_visit(client, self.local_steps)  # (the node's own failure did not)
                 outcomes.append(got)
                 continue
             upload, steps = got
@@ -236,12 +253,22 @@ class RemoteClients:
         )
 
     def close(self, rounds_done: int | None = None) -> None:
-        """Every node learns the fate of its last visits, so that its clients' state is final."""
+        """Every node learns the fate of its last visits, so that its clients' state is final (a node
+        that does not answer within a minute keeps them pending: a warning, not a failed run)."""
         contents = {}
         for node in self.nodes:
             content = self._content(node.node_id, rounds_done if rounds_done is not None else 1 << 30, 0, [])
             contents[node.node_id] = content
-        self._send("query.commit", contents)
+        timeout, self.timeout = self.timeout, min(self.timeout or 60.0, 60.0)
+        try:
+            replies = self._send("query.commit", contents)
+            silent = [n for n, r in replies.items() if isinstance(r, str)]
+            if silent:
+                log.warning("Flower nodes %s did not confirm the last rounds' client state", silent)
+        except Exception as error:  # the run's result is already saved
+            log.warning("could not reach the Flower nodes at the end (%s)", type(error).__name__)
+        finally:
+            self.timeout = timeout
         if self.audit is not None:  # what every reply held (names, keys, fields; no tensor values)
             summary = {"bytes_down": self.wire.down, "bytes_up": self.wire.up, "replies": self.wire.replies}
             write_text_atomic(json.dumps(summary, indent=1), self.audit, private=True)

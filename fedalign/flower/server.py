@@ -151,8 +151,9 @@ def flower_preparation(
             timeout_s = recipe.federation.client_timeout_s or timeout
             audit = private_dir / "flower_wire.json"
             return RemoteClients(
-                messenger, nodes, sizes, algorithm, privacy, template, fields, timeout_s, audit
-            )
+                messenger, nodes, sizes, algorithm, privacy, template, fields, timeout_s, audit,
+                recipe.federation.local_steps,
+            )  # fmt: skip
 
         manifest = {
             "transport": "flower",

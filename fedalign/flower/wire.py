@@ -5,8 +5,8 @@ A tensor record is accepted whole or not at all: :func:`decode` refuses a record
 the expected ones, or whose arrays have another shape or are not floating point, and names the first
 culprit; nothing of a refused record is applied.
 
-Tensors travel as float32 (bfloat16 has no numpy type; the upcast is exact), and come back to the dtype
-the receiver's own tensors have.
+Tensors travel and arrive as float32 (bfloat16 has no numpy type; the upcast is exact); the receiver
+casts them where its own tensors have another dtype (the adapter slots do on write).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,13 @@ from flwr.app import RecordDict
 
 SOCKET, KEY, PID, LOG = "worker.sock", "worker.key", "worker.pid", "worker.log"
 START_TIMEOUT_S = 300.0
+
+
+def make_private_dir(path: Path) -> None:
+    """Owner-only (0700) whatever the umask; here rather than imported, so that a ClientApp that only
+    forwards does not import torch (:func:`fedalign.privacy.randomness.make_private_dir` does the same)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
 
 
 def _key(state_dir: Path) -> bytes | None:
@@ -39,13 +47,15 @@ def _connect(state_dir: Path):
         return None
     try:
         return Client(str(state_dir / SOCKET), family="AF_UNIX", authkey=key)
-    except (OSError, EOFError):
+    except (OSError, EOFError, AuthenticationError):  # gone, or a stale key of a dead worker
         return None
 
 
 def _start(state_dir: Path) -> None:
     """Start the worker, detached from this short-lived process, and wait until it listens."""
-    log = (state_dir / LOG).open("a")
+    for name in (SOCKET, KEY, PID):  # a dead worker's leftovers: the new one writes its own
+        (state_dir / name).unlink(missing_ok=True)
+    log = os.fdopen(os.open(state_dir / LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a")
     subprocess.Popen(
         [sys.executable, "-m", "fedalign.flower.worker", str(state_dir)],
         stdout=log,
@@ -67,10 +77,9 @@ def forward(
     state_dir: Path, message_type: str, content: RecordDict, node_config: dict[str, Any]
 ) -> RecordDict:
     """The worker's answer to one message (starting the worker if none is listening)."""
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private_dir(state_dir)
     connection = _connect(state_dir)
     if connection is None:
-        (state_dir / SOCKET).unlink(missing_ok=True)
         _start(state_dir)
         connection = _connect(state_dir)
         if connection is None:
@@ -83,32 +92,39 @@ def forward(
 def serve(state_dir: Path, idle_s: float) -> None:
     from fedalign.flower.apps import handle
 
+    make_private_dir(state_dir)  # the socket and the key live in an owner-only folder
     key = os.urandom(32)
     path = state_dir / SOCKET
+    if len(str(path).encode()) > 100:
+        raise SystemExit(f"{path}: too long for a Unix socket (100 bytes); use a shorter state-dir")
     path.unlink(missing_ok=True)
-    with Listener(str(path), family="AF_UNIX", authkey=key) as listener:
-        os.chmod(path, 0o600)
-        fd = os.open(state_dir / f".{KEY}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as handle_out:
-            handle_out.write(key)
-        os.replace(state_dir / f".{KEY}", state_dir / KEY)  # last: a client that sees it can connect
-        (state_dir / PID).write_text(str(os.getpid()))
-        listener._listener._socket.settimeout(idle_s)  # exit when idle
-        while True:
-            try:
-                connection = listener.accept()
-            except TimeoutError:
-                break
-            except Exception:  # a client with the wrong key, or one that went away: wait for the next
-                continue
-            with connection:
+    staged = state_dir / f".{KEY}"
+    staged.unlink(missing_ok=True)
+    try:
+        with Listener(str(path), family="AF_UNIX", authkey=key) as listener:
+            os.chmod(path, 0o600)
+            fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(key)
+            (state_dir / PID).write_text(str(os.getpid()))
+            os.replace(staged, state_dir / KEY)  # last: a client that sees it can connect
+            listener._listener._socket.settimeout(idle_s)  # exit when idle
+            while True:
                 try:
-                    message_type, content, node_config = connection.recv()
-                except (EOFError, OSError):
+                    connection = listener.accept()
+                except TimeoutError:
+                    break
+                except Exception:  # a client with the wrong key, or one that went away: wait for the next
                     continue
-                connection.send(handle(message_type, content, node_config, None))
-    for name in (SOCKET, KEY, PID):
-        (state_dir / name).unlink(missing_ok=True)
+                with connection:
+                    try:
+                        message_type, content, node_config = connection.recv()
+                        connection.send(handle(message_type, content, node_config, None))
+                    except (EOFError, OSError):  # the ClientApp went away (Flower timed it out)
+                        continue
+    finally:
+        for name in (SOCKET, KEY, PID):
+            (state_dir / name).unlink(missing_ok=True)
 
 
 def main() -> None:

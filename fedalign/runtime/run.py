@@ -397,7 +397,6 @@ def run_federated(
             run_dir=run_dir,
         )
     loop_s = time.perf_counter() - loop_started
-    clients.close()
     after = evaluate(rounds, glob)
     slots.write(glob)
     save_adapter(
@@ -407,6 +406,7 @@ def run_federated(
         slots.base_weights() if algorithm.moves_base else None,
         recipe.model.adapter,
     )
+    clients.close()  # after the adapter is saved: on Flower, it tells the nodes the last rounds' outcome
     wall = time.perf_counter() - started
     _write_summary(recipe, metrics, privacy, rounds, before, after, note, loop_s, wall)
     metrics.close()
