@@ -170,3 +170,102 @@ def test_superlink_and_three_supernodes_match_in_process(tmp_path: Path, process
         merged |= json.loads((root / "privacy_ledgers.json").read_text())
     assert merged == in_process
     assert link.poll() is None  # the SuperLink kept serving throughout
+
+
+def test_a_supernode_killed_mid_round_drops_out_and_its_restart_resumes_with_its_state(
+    tmp_path: Path, processes: Processes
+) -> None:
+    """FedSA-LoRA (each client keeps its own B on its node), every client in every round, 3 rounds. Node 1
+    hangs on round 2's visit; the test SIGKILLs its SuperNode and worker, then starts it again on the same
+    state dir. Round 2 completes with the other clients after client_timeout_s, the SuperLink keeps
+    serving, and in round 3 the restarted node trains its client from the state it committed in round 1."""
+    raw = flower_recipe(tmp_path, "fedsa", "none")
+    raw["federation"] |= {"clients_per_round": 4, "rounds": 3, "client_timeout_s": 20, "weighting": "uniform"}
+    recipe = validate_recipe(raw)
+    port = _port()
+    link, link_log = processes.start(
+        "superlink",
+        [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
+         "--disable-runtime-dependency-installation", "--database", str(tmp_path / "link.db")],
+        _env(tmp_path / "homes" / "link"),
+    )  # fmt: skip
+    _wait_for(port, link, link_log)
+    nodes = tmp_path / "nodes"
+
+    def supernode(node: int, clients: str, name: str, **extra: str) -> subprocess.Popen:
+        config = f'clients="{clients}" state-dir="{nodes / f"node-{node}"}"'
+        process, _ = processes.start(
+            name,
+            [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+             "--port", str(_port()), "--node-config", config],
+            {**_env(tmp_path / "homes" / name), **extra},
+        )  # fmt: skip
+        return process
+
+    supernode(0, "0,3", "supernode-0")
+    held = supernode(1, "1", "supernode-1", FEDALIGN_TEST_HOLD="train.visit:2")
+    supernode(2, "2", "supernode-2")
+    cli_home = tmp_path / "homes" / "cli"
+    cli_home.mkdir(parents=True)
+    (cli_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    run_config = tmp_path / "run-config.toml"
+    run_config.write_text(tomli_w.dumps({"recipe": recipe.resolved_yaml(), "task": "sft", "nodes": 3}))
+    submit, _ = processes.start(
+        "flwr-run",
+        [
+            str(BIN / "flwr"),
+            "run",
+            str(REPO / "flower-app"),
+            "deploy",
+            "--stream",
+            "--run-config",
+            str(run_config),
+        ],
+        _env(cli_home),
+    )
+
+    def logs() -> str:
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text()[-2500:]}" for p in sorted(processes.logs.glob("*.log"))
+        )
+
+    marker = nodes / "node-1" / "held"
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert time.monotonic() < deadline and submit.poll() in (None, 0), f"node 1 never held:\n{logs()}"
+        time.sleep(0.5)
+    # the node dies in the middle of round 2: its SuperNode (and the processes it started), and its worker
+    os.killpg(held.pid, signal.SIGKILL)
+    os.kill(int((nodes / "node-1" / "worker.pid").read_text()), signal.SIGKILL)
+    held.wait()
+    restarted_at = time.time()
+    supernode(1, "1", "supernode-1-restarted")
+
+    runs = Path(recipe.output_dir)
+    deadline = time.monotonic() + 420
+    # the run's last act: the nodes told the last rounds' outcome, and the wire summary written
+    while not any((d / "private" / "flower_wire.json").is_file() for d in runs.glob("test-*")):
+        assert time.monotonic() < deadline and submit.poll() in (None, 0), (
+            f"the run did not finish:\n{logs()}"
+        )
+        time.sleep(1)
+    (run_dir,) = list(runs.glob("test-*"))
+    public = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rounds = {r["round"]: r for r in public if r["type"] == "round"}
+    assert rounds[1]["clients"] == [0, 1, 2, 3]
+    assert rounds[2]["clients"] == [0, 2, 3]  # completed with the survivors
+    assert [d["client"] for d in rounds[2]["dropped"]] == [1] and "no answer" in rounds[2]["dropped"][0][
+        "reason"
+    ]
+    assert rounds[3]["clients"] == [0, 1, 2, 3]  # the restarted node is back
+    assert link.poll() is None  # the SuperLink kept serving
+
+    (node_run,) = list((nodes / "node-1").glob("run-*"))
+    visits = [json.loads(line) for line in (node_run / "metrics.jsonl").read_text().splitlines()]
+    assert [v["round"] for v in visits if v["type"] == "client"] == [1, 3]  # it hung on round 2
+    state = node_run / "clients" / "client-00001.safetensors"
+    assert state.is_file() and state.stat().st_mtime > restarted_at  # round 3's local B, committed after
+    assert not any((node_run / "pending").glob("round-*"))  # round 2's hung visit dropped, not committed

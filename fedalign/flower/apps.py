@@ -18,6 +18,7 @@ run config (``recipe``, the resolved YAML; ``task``; ``nodes``).
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -100,6 +101,7 @@ def handle(
         if message_type == "query.commit":
             return RecordDict({"status": ConfigRecord({"node": "ok"})})
         round_idx, clients = int(fields["round"]), [int(c) for c in fields["clients"]]
+        _test_hold(message_type, round_idx, settings.state_dir)
         if message_type == "train.visit":
             expected = node.expected_broadcast(round_idx)
             received = decode(content.array_records["received"], expected, "the broadcast")
@@ -128,6 +130,16 @@ def handle(
     if message_type == "train.visit":
         reply_content["steps"] = ConfigRecord(steps)
     return reply_content
+
+
+def _test_hold(message_type: str, round_idx: int, state_dir: Path) -> None:
+    """A node that hangs (``FEDALIGN_TEST_HOLD=train.visit:2``: on round 2's visit message), for the tests
+    that kill a SuperNode in the middle of a round; it says so in ``<state-dir>/held``."""
+    if os.environ.get("FEDALIGN_TEST_HOLD") == f"{message_type}:{round_idx + 1}":
+        import time
+
+        (state_dir / "held").write_text(str(os.getpid()))
+        time.sleep(3600)
 
 
 def client_app(state_root: Path | None = None) -> ClientApp:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -91,11 +92,13 @@ class RemoteClients:
         timeout: float | None,
         audit: Path | None = None,
         local_steps: int = 1,
+        rejoin: Callable[[set[int]], list[Node]] | None = None,
     ) -> None:
         self.messenger, self.nodes, self._sizes = messenger, nodes, sizes
         self.algorithm, self.privacy, self.template = algorithm, privacy, template
         self.fields, self.timeout, self.audit, self.local_steps = fields, timeout, audit, local_steps
         self.owner = {client: node.node_id for node in nodes for client in node.clients}
+        self.rejoin, self._seen = rejoin, {node.node_id for node in nodes}
         self._finished: dict[int, list[tuple[int, int]]] = defaultdict(list)
         self._received: Tensors = {}
         self._in_flight: dict[int, list[tuple[int, int]]] = {}  # commits sent, until their node answers
@@ -195,7 +198,29 @@ class RemoteClients:
 
     # -- the calls of a round ---
 
+    def _take_rejoined(self) -> None:
+        """A node that connected since (a restarted SuperNode has a new id) takes over the clients it
+        says it hosts, with their pending commits: its state dir is the one they were made for."""
+        if self.rejoin is None:
+            return
+        for node in self.rejoin(self._seen):
+            self._seen.add(node.node_id)
+            for client in node.clients:
+                old = self.owner.get(client)
+                self.owner[client] = node.node_id
+                if old is not None and old != node.node_id:
+                    moved = [(r, c) for r, c in self._finished.get(old, []) if c == client]
+                    self._finished[old] = [(r, c) for r, c in self._finished.get(old, []) if c != client]
+                    self._finished[node.node_id].extend(moved)
+            if node.clients:
+                log.warning("Flower node %s joined, hosting clients %s", node.node_id, list(node.clients))
+        hosts: dict[int, list[int]] = defaultdict(list)
+        for client, node_id in sorted(self.owner.items()):
+            hosts[node_id].append(client)
+        self.nodes = [Node(node_id, tuple(hosted)) for node_id, hosted in hosts.items()]
+
     def train_all(self, round_idx: int, clients: list[int], received: Tensors) -> list[Visit | Exception]:
+        self._take_rejoined()
         self._received = received
         broadcast = encode(received)
         contents = {}

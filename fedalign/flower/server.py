@@ -90,26 +90,41 @@ def needs_sizes(recipe: Recipe) -> bool:
     return recipe.federation.weighting == "examples" or recipe.privacy.unit in ("example", "pair")
 
 
+def hello(
+    messenger: GridMessenger, ids: list[int], fields: dict[str, Any], want_sizes: bool, timeout: float
+) -> dict[int, tuple[list[int], list[int] | None] | str]:
+    """Each node's clients (and their row counts when ``want_sizes``), or why it did not say."""
+    config = ConfigRecord({**fields, "want-sizes": want_sizes})
+    replies = messenger.send("query.hello", {n: RecordDict({"run": config}) for n in ids}, timeout)
+    out: dict[int, tuple[list[int], list[int] | None] | str] = {}
+    for node_id, reply in replies.items():
+        if isinstance(reply, str) or "hello" not in reply.config_records:
+            out[node_id] = (
+                reply if isinstance(reply, str) else str(reply.config_records["status"].get("node"))
+            )
+            continue
+        said = reply.config_records["hello"]
+        sizes = [int(n) for n in said["sizes"]] if "sizes" in said else None
+        out[node_id] = ([int(c) for c in said["clients"]], sizes)
+    return out
+
+
 def discover(
     messenger: GridMessenger, recipe: Recipe, fields: dict[str, Any], wanted: int, timeout: float
 ) -> tuple[list[Node], dict[int, int] | None]:
     """Which node hosts which clients (every client on exactly one node), and their row counts if needed."""
     ids = messenger.node_ids(wanted, timeout)
-    config = ConfigRecord({**fields, "want-sizes": needs_sizes(recipe)})
-    replies = messenger.send("query.hello", {n: RecordDict({"run": config}) for n in ids}, timeout)
     nodes, sizes, hosts = [], {}, {}
-    for node_id, reply in replies.items():
-        if isinstance(reply, str) or "hello" not in reply.config_records:
-            why = reply if isinstance(reply, str) else reply.config_records.get("status", {}).get("node", "?")
-            raise FlowerError(f"Flower node {node_id} cannot host its clients ({why}); see that node's log")
-        hello = reply.config_records["hello"]
-        clients = [int(c) for c in hello["clients"]]
+    for node_id, said in hello(messenger, ids, fields, needs_sizes(recipe), timeout).items():
+        if isinstance(said, str):
+            raise FlowerError(f"Flower node {node_id} cannot host its clients ({said}); see that node's log")
+        clients, counts = said
         for client in clients:
             if client in hosts:
                 raise FlowerError(f"client {client} is hosted by two nodes ({hosts[client]} and {node_id})")
             hosts[client] = node_id
-        if "sizes" in hello:
-            sizes.update(dict(zip(clients, (int(n) for n in hello["sizes"]), strict=True)))
+        if counts is not None:
+            sizes.update(dict(zip(clients, counts, strict=True)))
         nodes.append(Node(node_id, tuple(clients)))
     missing = sorted(set(range(recipe.federation.num_clients)) - set(hosts))
     if missing:
@@ -118,6 +133,21 @@ def discover(
             f"{recipe.federation.num_clients}; give every client to one node (node-config clients=...)"
         )
     return nodes, (sizes if needs_sizes(recipe) else None)
+
+
+def rejoiner(messenger: GridMessenger, fields: dict[str, Any]) -> Callable[[set[int]], list[Node]]:
+    """Nodes that connected since ``seen`` (a restarted SuperNode gets a new id), with their clients."""
+
+    def rejoin(seen: set[int]) -> list[Node]:
+        new = [n for n in sorted(messenger.grid.get_node_ids()) if n not in seen]
+        if not new:
+            return []
+        said = hello(messenger, new, fields, False, 60.0)
+        return [
+            Node(n, tuple(got[0])) if not isinstance(got, str) else Node(n, ()) for n, got in said.items()
+        ]
+
+    return rejoin
 
 
 def flower_preparation(
@@ -152,7 +182,7 @@ def flower_preparation(
             audit = private_dir / "flower_wire.json"
             return RemoteClients(
                 messenger, nodes, sizes, algorithm, privacy, template, fields, timeout_s, audit,
-                recipe.federation.local_steps,
+                recipe.federation.local_steps, rejoiner(messenger, fields),
             )  # fmt: skip
 
         manifest = {
