@@ -99,6 +99,9 @@ flower_app = typer.Typer(
 app.add_typer(flower_app, name="flower")
 _NODES = typer.Option(2, "--nodes", help="virtual Flower nodes; node p hosts clients p, p+N, ...")
 _TASK = typer.Option("sft", "--task", help="sft or dpo")
+_NODE_TIMEOUT = typer.Option(
+    3600.0, "--node-timeout", help="seconds the server waits for a node's answer before dropping its clients"
+)
 _STATE = typer.Option(
     None, "--state-dir", help="where the nodes keep their state; default OUTPUT_DIR/flower-nodes"
 )
@@ -128,7 +131,11 @@ def simulate(
 
 @flower_app.command(name="run-config")
 def flower_run_config(
-    recipe: str = _RECIPE, overrides: list[str] | None = _OVERRIDES, nodes: int = _NODES, task: str = _TASK
+    recipe: str = _RECIPE,
+    overrides: list[str] | None = _OVERRIDES,
+    nodes: int = _NODES,
+    task: str = _TASK,
+    node_timeout: float = _NODE_TIMEOUT,
 ) -> None:
     """Print the run config (TOML) for `flwr run flower-app SUPERLINK --run-config FILE`: the resolved
     recipe, the task and how many nodes the server waits for."""
@@ -138,7 +145,13 @@ def flower_run_config(
     def show(loaded, console):
         import tomli_w
 
-        print(tomli_w.dumps({"recipe": loaded.resolved_yaml(), "task": task, "nodes": nodes}), end="")
+        config = {
+            "recipe": loaded.resolved_yaml(),
+            "task": task,
+            "nodes": nodes,
+            "node-timeout-s": node_timeout,
+        }
+        print(tomli_w.dumps(config), end="")
 
     _run(show, recipe, overrides)
 

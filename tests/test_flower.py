@@ -49,14 +49,15 @@ def _ledgers(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _same_adapter(a: Path, b: Path) -> None:
-    left, right = (
-        load_file(a / "adapter" / "adapter_model.safetensors"),
-        load_file(b / "adapter" / "adapter_model.safetensors"),
-    )
+def _same_tensors(a: Path, b: Path) -> None:
+    left, right = load_file(a), load_file(b)
     assert left.keys() == right.keys()
     for key in left:
         torch.testing.assert_close(left[key], right[key], rtol=1e-5, atol=1e-6)
+
+
+def _same_adapter(a: Path, b: Path) -> None:
+    _same_tensors(a / "adapter" / "adapter_model.safetensors", b / "adapter" / "adapter_model.safetensors")
 
 
 @pytest.mark.parametrize(

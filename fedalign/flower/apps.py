@@ -58,14 +58,17 @@ def server_app(recipe: Recipe | None = None, task: str | None = None, nodes: int
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        from fedalign.flower.server import run_on_flower
+        from fedalign.flower.server import DEFAULT_TIMEOUT_S, run_on_flower
 
         config = context.run_config
         run_recipe = recipe or _recipe(str(config["recipe"]))
         name = task or str(config.get("task", "sft"))
         wanted = nodes or int(config.get("nodes", 1))
+        timeout = float(config.get("node-timeout-s", DEFAULT_TIMEOUT_S))
         try:
-            app.result = run_on_flower(run_recipe, _task(name), grid, str(context.run_id), wanted)  # type: ignore[attr-defined]
+            app.result = run_on_flower(
+                run_recipe, _task(name), grid, str(context.run_id), wanted, node_timeout_s=timeout
+            )  # type: ignore[attr-defined]
         except BaseException as error:
             app.error = error  # type: ignore[attr-defined]
             raise

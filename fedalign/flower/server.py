@@ -167,7 +167,7 @@ def flower_preparation(
         loaded = load_model(recipe.model, recipe.lora, recipe.seed, device)
         fields = public_fields(recipe, task.name, run_key)
         with console.status(f"waiting for {wanted_nodes} Flower nodes"):
-            nodes, sizes = discover(messenger, recipe, fields, wanted_nodes, timeout)
+            nodes, sizes = discover(messenger, recipe, fields, wanted_nodes, max(timeout, 600.0))
         example_dp = None
         if recipe.privacy.unit in ("example", "pair"):
             assert sizes is not None
@@ -214,8 +214,17 @@ def flower_preparation(
 
 
 def run_on_flower(
-    recipe: Recipe, task: Task, grid: Grid, run_key: str, nodes: int, console: Console | None = None
+    recipe: Recipe,
+    task: Task,
+    grid: Grid,
+    run_key: str,
+    nodes: int,
+    console: Console | None = None,
+    node_timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> RunResult:
-    return run_federated(
-        recipe, task, console, prepare=flower_preparation(GridMessenger(grid), run_key, nodes)
-    )
+    """``node_timeout_s``: how long the server waits for a node's answer to a stage before it drops the
+    node's clients from the round (``federation.client_timeout_s`` instead when the recipe sets it). Under
+    DP the recipe cannot set a client timeout (a visit's time follows its secret batches); set this one far
+    above any visit's time, so that what it drops is a dead node, not a slow visit."""
+    prepare = flower_preparation(GridMessenger(grid), run_key, nodes, node_timeout_s)
+    return run_federated(recipe, task, console, prepare=prepare)
