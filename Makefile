@@ -44,6 +44,7 @@ bench: install
 	$(PY) bench/fedask_server.py
 	$(PY) bench/dpo_loop_vs_trl.py
 	$(PY) bench/accountant_utility.py
+	$(PY) bench/flower_overhead.py
 
 clean:
 	rm -rf runs .pytest_cache

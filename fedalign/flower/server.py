@@ -43,10 +43,13 @@ class GridMessenger:
     def __init__(self, grid: Grid, poll_s: float = 0.1) -> None:
         self.grid, self.poll_s = grid, poll_s
 
+    def connected(self) -> list[int]:
+        return sorted(self.grid.get_node_ids())
+
     def node_ids(self, wanted: int, timeout: float) -> list[int]:
         deadline = time.monotonic() + timeout
         while True:
-            nodes = sorted(self.grid.get_node_ids())
+            nodes = self.connected()
             if len(nodes) >= wanted:
                 return nodes
             if time.monotonic() > deadline:
@@ -139,7 +142,7 @@ def rejoiner(messenger: GridMessenger, fields: dict[str, Any]) -> Callable[[set[
     """Nodes that connected since ``seen`` (a restarted SuperNode gets a new id), with their clients."""
 
     def rejoin(seen: set[int]) -> list[Node]:
-        new = [n for n in sorted(messenger.grid.get_node_ids()) if n not in seen]
+        new = [n for n in messenger.connected() if n not in seen]
         if not new:
             return []
         said = hello(messenger, new, fields, False, 60.0)

@@ -40,6 +40,17 @@ def absolute_paths(recipe: Recipe) -> Recipe:
     return recipe.model_copy(update={"model": model, "data": data, "output_dir": output})
 
 
+def refuse_on_flower(recipe: Recipe) -> None:
+    """What fedalign cannot run on Flower yet, refused before any engine starts."""
+    from fedalign import algorithms
+
+    if algorithms.registry()[recipe.algorithm.name].moves_base:
+        raise RecipeError(
+            f"algorithm: {recipe.algorithm.name} moves the base weights on every node; fedalign flower does "
+            "not run it yet"
+        )
+
+
 def simulate(
     recipe: Recipe, task: str, nodes: int, state_dir: Path | None = None, console: Console | None = None
 ) -> RunResult:
@@ -52,6 +63,7 @@ def simulate(
             f"--nodes {nodes}: between 1 and federation.num_clients={recipe.federation.num_clients} "
             "(each node hosts at least one client)"
         )
+    refuse_on_flower(recipe)
     recipe = absolute_paths(recipe)
     state_root = (state_dir or Path(recipe.output_dir) / "flower-nodes").resolve()
     server = server_app(recipe, task, nodes)
