@@ -115,7 +115,7 @@ def deployed(raw: dict, work: Path, worker: bool) -> Path:
             )
             node_args = [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}"]
             start(f"node{node}", [*node_args, "--port", str(free_port()), "--node-config", config])
-        cli = work / "homes" / "cli"
+        cli = work / "homes" / "flwr"  # what start() gives the flwr process
         cli.mkdir(parents=True, exist_ok=True)
         (cli / "config.toml").write_text(
             f'[superlink]\ndefault = "d"\n\n[superlink.d]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'

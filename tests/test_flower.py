@@ -87,6 +87,8 @@ def test_simulation_matches_in_process_and_sends_only_uploads(
         {k: v for k, v in r.items() if k != "wall_s"} for r in reference if r["type"] == "round"
     ]
     summary = next(r for r in public if r["type"] == "summary")
+    # row counts crossed only where the recipe needs them (example DP accounting), and the run says so
+    assert ("row count" in summary["guarantee"]) == (unit == "example")
     assert summary["epsilon"] == pytest.approx(
         local.run_dir and next(r for r in reference if r["type"] == "summary")["epsilon"]
     )

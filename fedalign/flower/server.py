@@ -193,11 +193,12 @@ def flower_preparation(
             "nodes": [{"node": str(n.node_id), "clients": list(n.clients)} for n in nodes],
             "row_counts_sent": sizes is not None,
         }
+        disclosures = []
         if sizes is not None:
-            console.print(
-                "the nodes sent each client's row count (for "
-                + ("example/pair-level DP accounting" if example_dp is not None else "weighting by examples")
-                + "); row counts are not covered by ε"
+            why = "example/pair-level DP accounting" if example_dp is not None else "weighting by examples"
+            disclosures.append(
+                f"the Flower nodes sent each client's row count to the server (for {why}); row counts are "
+                "not covered by ε"
             )
         return Prepared(
             algorithm,
@@ -211,6 +212,7 @@ def flower_preparation(
             manifest,
             device,
             transport="flower",
+            disclosures=disclosures,
         )
 
     return prepare

@@ -185,6 +185,9 @@ class Prepared:
     manifest: dict[str, Any]
     device: torch.device
     transport: str = "local"
+    # what the run discloses beyond what its ε covers (on Flower: the row counts nodes sent), said with
+    # the run's other guarantee notes at its start, in its summary and in metrics.jsonl
+    disclosures: list[str] = field(default_factory=list)
 
 
 def prepare_local(recipe: Recipe, task: Task, console: Console, secrets: RunSecrets | None) -> Prepared:
@@ -362,7 +365,7 @@ def run_federated(
             before_publish=lambda: kill_point("checkpoint", done),
         )
 
-    note = guarantee_note(recipe)
+    note = "; ".join(n for n in (guarantee_note(recipe), *prepared.disclosures) if n) or None
     if start == 0:
         _announce_privacy(recipe, privacy, metrics, console, note)
         with console.status("held-out evaluation before training"):
