@@ -319,6 +319,12 @@ CASES = [
      [], "the data no longer partitions as when the run started"),
     ("resume: the model files changed", "resume", _run_dir(changed="model.name_or_path"), [],
      "model.name_or_path: the files changed since the run started"),
+    # fedalign flower: refused before any Flower engine starts
+    ("flower: no node", "flower simulate", QUICKSTART, ["--nodes", "0"], "--nodes 0: between 1 and"),
+    ("flower: more nodes than clients", "flower simulate", QUICKSTART, ["--nodes", "11"],
+     "federation.num_clients=10"),
+    ("flower: FRLoRA", "flower simulate", QUICKSTART, ["algorithm.name=frlora"], "moves the base weights"),
+    ("flower: unknown task", "flower run-config", QUICKSTART, ["--task", "x"], "--task 'x': sft or dpo"),
 ]  # fmt: skip
 
 
@@ -335,7 +341,7 @@ def test_bad_input_is_one_line_and_writes_nothing(command, recipe, overrides, na
         from fedalign.cli import _quiet_libraries
 
         _quiet_libraries()
-    result = CliRunner().invoke(app, [command, recipe, *overrides], env={"COLUMNS": "300"})
+    result = CliRunner().invoke(app, [*command.split(), recipe, *overrides], env={"COLUMNS": "300"})
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
