@@ -114,6 +114,7 @@ def test_simulation_matches_in_process_and_sends_only_uploads(
     # the wire: what every reply held, as Flower delivered it
     wire = json.loads((flower.run_dir / "private" / "flower_wire.json").read_text())
     stages = {"train.visit": "_Y" if algorithm == "fedask" else None, "train.stage": "_P"}
+    assert sum(r["type"] == "query.hello" for r in wire["replies"]) == 3  # discovery is inspected too
     for reply in wire["replies"]:
         assert reply["metrics"] == {}, reply
         if reply["type"] == "query.hello":
@@ -228,3 +229,46 @@ def test_every_algorithm_over_the_message_protocol_matches_in_process(tmp_path: 
         p.name for p in (local.run_dir / "private" / "clients").glob("client-*.safetensors")
     )
     assert not list(tmp_path.glob("n*/run-*/pending/round-*"))  # every visit decided and committed
+
+
+def test_a_node_with_its_own_data_file_hosts_one_client_on_all_of_it(tmp_path: Path) -> None:
+    """``data-path`` in a node's config: that file, all of it, is its one client's data (the recipe's
+    holdout still held out); the server learns only the row counts it needs to weight by examples."""
+    from fedalign.flower.server import flower_preparation
+    from fedalign.runtime.run import run_federated
+    from fedalign.runtime.sft import SFTTask
+
+    from .conftest import QUICKSTART_DATA
+
+    rows = (
+        json.loads(QUICKSTART_DATA.read_text())
+        if QUICKSTART_DATA.suffix == ".json"
+        else [json.loads(line) for line in QUICKSTART_DATA.read_text().splitlines() if line.strip()]
+    )
+    own = []
+    for index, size in enumerate((30, 50)):
+        path = tmp_path / f"org{index}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows[index * 100 : index * 100 + size]))
+        own.append(path)
+    raw = flower_recipe(tmp_path, "fedavg", "none")
+    raw["data"] |= {"holdout": 0.1}
+    raw["data"].pop("max_rows")
+    raw["federation"] |= {"num_clients": 2, "clients_per_round": 2, "rounds": 1}
+    configs = {
+        11: {"clients": "0", "state-dir": str(tmp_path / "a"), "data-path": str(own[0])},
+        22: {"clients": "1", "state-dir": str(tmp_path / "b"), "data-path": str(own[1])},
+    }
+    messenger = LoopbackMessenger(configs)
+    prepare = flower_preparation(messenger, "own-data", 2)
+    result = run_federated(validate_recipe(raw), SFTTask(), _console(), prepare=prepare)
+    manifest = json.loads((result.run_dir / "partition.json").read_text())
+    assert manifest["transport"] == "flower" and manifest["row_counts_sent"] is True
+    wire = json.loads((result.run_dir / "private" / "flower_wire.json").read_text())
+    said = {r["node"]: r["configs"]["hello"] for r in wire["replies"] if r["type"] == "query.hello"}
+    assert said == {11: {"clients": [0], "sizes": [27]}, 22: {"clients": [1], "sizes": [45]}}
+    visits = [
+        json.loads(line)
+        for root in (tmp_path / "a", tmp_path / "b")
+        for line in next(root.glob("run-*")).joinpath("metrics.jsonl").read_text().splitlines()
+    ]
+    assert sorted(v["client"] for v in visits if v["type"] == "client") == [0, 1]

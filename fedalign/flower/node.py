@@ -120,9 +120,8 @@ class NodeRuntime:
             persist_optimizer=self.recipe.train.optimizer_state == "persist",
         )
         self.template = AdapterSlots(self.trainer.model).read()
-        self.algorithm.init_global(
-            self.template
-        )  # client-side state some algorithms set up here (FedSA's B₀)
+        # the client side of some algorithms is set up by init_global (FedSA's B₀), as on the server
+        self.algorithm.init_global(self.template)
 
     def sizes(self) -> dict[int, int]:
         return {client: len(rows) for client, rows in self.rows.items()}

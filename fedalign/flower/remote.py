@@ -57,6 +57,19 @@ class WireCount:
     up: int = 0
     replies: list[dict[str, Any]] = field(default_factory=list)  # what each reply held (the wire test)
 
+    def record(self, message_type: str, node_id: int, reply: RecordDict) -> None:
+        """A reply as it arrived: its tensor bytes, and the names, keys and fields of its records."""
+        self.up += sum(record_bytes(r) for r in reply.array_records.values())
+        self.replies.append(
+            {
+                "type": message_type,
+                "node": node_id,
+                "arrays": {name: sorted(rec.keys()) for name, rec in reply.array_records.items()},
+                "configs": {name: dict(rec) for name, rec in reply.config_records.items()},
+                "metrics": {name: dict(rec) for name, rec in reply.metric_records.items()},
+            }
+        )
+
 
 @dataclass
 class RemoteResult:
@@ -93,6 +106,7 @@ class RemoteClients:
         audit: Path | None = None,
         local_steps: int = 1,
         rejoin: Callable[[set[int]], list[Node]] | None = None,
+        wire: WireCount | None = None,
     ) -> None:
         self.messenger, self.nodes, self._sizes = messenger, nodes, sizes
         self.algorithm, self.privacy, self.template = algorithm, privacy, template
@@ -102,7 +116,7 @@ class RemoteClients:
         self._finished: dict[int, list[tuple[int, int]]] = defaultdict(list)
         self._received: Tensors = {}
         self._in_flight: dict[int, list[tuple[int, int]]] = {}  # commits sent, until their node answers
-        self.wire = WireCount()
+        self.wire = wire or WireCount()  # with discovery's replies when the server made it
 
     def sizes(self, clients: list[int]) -> list[int]:
         if self._sizes is None:
@@ -147,16 +161,7 @@ class RemoteClients:
             if node_failed and sent:  # its node never took them in: they go with its next message
                 self._finished[node_id] = sent + self._finished[node_id]
             if not isinstance(reply, str):
-                self.wire.up += sum(record_bytes(r) for r in reply.array_records.values())
-                self.wire.replies.append(
-                    {
-                        "type": message_type,
-                        "node": node_id,
-                        "arrays": {name: sorted(rec.keys()) for name, rec in reply.array_records.items()},
-                        "configs": {name: dict(rec) for name, rec in reply.config_records.items()},
-                        "metrics": {name: dict(rec) for name, rec in reply.metric_records.items()},
-                    }
-                )
+                self.wire.record(message_type, node_id, reply)
         return replies
 
     def _by_node(self, clients: list[int]) -> dict[int, list[int]]:

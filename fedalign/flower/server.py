@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 from rich.console import Console
 
 from fedalign.errors import FedalignError, RecipeError
-from fedalign.flower.remote import Node, RemoteClients
+from fedalign.flower.remote import Node, RemoteClients, WireCount
 from fedalign.models.adapter import AdapterSlots
 from fedalign.models.loading import check_model_reachable, load_model, resolve_device
 from fedalign.privacy.mechanism import NoPrivacy
@@ -94,13 +94,20 @@ def needs_sizes(recipe: Recipe) -> bool:
 
 
 def hello(
-    messenger: GridMessenger, ids: list[int], fields: dict[str, Any], want_sizes: bool, timeout: float
+    messenger: GridMessenger,
+    ids: list[int],
+    fields: dict[str, Any],
+    want_sizes: bool,
+    timeout: float,
+    wire: WireCount,
 ) -> dict[int, tuple[list[int], list[int] | None] | str]:
     """Each node's clients (and their row counts when ``want_sizes``), or why it did not say."""
     config = ConfigRecord({**fields, "want-sizes": want_sizes})
     replies = messenger.send("query.hello", {n: RecordDict({"run": config}) for n in ids}, timeout)
     out: dict[int, tuple[list[int], list[int] | None] | str] = {}
     for node_id, reply in replies.items():
+        if not isinstance(reply, str):
+            wire.record("query.hello", node_id, reply)
         if isinstance(reply, str) or "hello" not in reply.config_records:
             out[node_id] = (
                 reply if isinstance(reply, str) else str(reply.config_records["status"].get("node"))
@@ -113,12 +120,17 @@ def hello(
 
 
 def discover(
-    messenger: GridMessenger, recipe: Recipe, fields: dict[str, Any], wanted: int, timeout: float
+    messenger: GridMessenger,
+    recipe: Recipe,
+    fields: dict[str, Any],
+    wanted: int,
+    timeout: float,
+    wire: WireCount,
 ) -> tuple[list[Node], dict[int, int] | None]:
     """Which node hosts which clients (every client on exactly one node), and their row counts if needed."""
     ids = messenger.node_ids(wanted, timeout)
     nodes, sizes, hosts = [], {}, {}
-    for node_id, said in hello(messenger, ids, fields, needs_sizes(recipe), timeout).items():
+    for node_id, said in hello(messenger, ids, fields, needs_sizes(recipe), timeout, wire).items():
         if isinstance(said, str):
             raise FlowerError(f"Flower node {node_id} cannot host its clients ({said}); see that node's log")
         clients, counts = said
@@ -138,14 +150,16 @@ def discover(
     return nodes, (sizes if needs_sizes(recipe) else None)
 
 
-def rejoiner(messenger: GridMessenger, fields: dict[str, Any]) -> Callable[[set[int]], list[Node]]:
+def rejoiner(
+    messenger: GridMessenger, fields: dict[str, Any], wire: WireCount
+) -> Callable[[set[int]], list[Node]]:
     """Nodes that connected since ``seen`` (a restarted SuperNode gets a new id), with their clients."""
 
     def rejoin(seen: set[int]) -> list[Node]:
         new = [n for n in messenger.connected() if n not in seen]
         if not new:
             return []
-        said = hello(messenger, new, fields, False, 60.0)
+        said = hello(messenger, new, fields, False, 60.0, wire)
         return [
             Node(n, tuple(got[0])) if not isinstance(got, str) else Node(n, ()) for n, got in said.items()
         ]
@@ -170,7 +184,8 @@ def flower_preparation(
         loaded = load_model(recipe.model, recipe.lora, recipe.seed, device)
         fields = public_fields(recipe, task.name, run_key)
         with console.status(f"waiting for {wanted_nodes} Flower nodes"):
-            nodes, sizes = discover(messenger, recipe, fields, wanted_nodes, max(timeout, 600.0))
+            wire = WireCount()
+            nodes, sizes = discover(messenger, recipe, fields, wanted_nodes, max(timeout, 600.0), wire)
         example_dp = None
         if recipe.privacy.unit in ("example", "pair"):
             assert sizes is not None
@@ -185,7 +200,7 @@ def flower_preparation(
             audit = private_dir / "flower_wire.json"
             return RemoteClients(
                 messenger, nodes, sizes, algorithm, privacy, template, fields, timeout_s, audit,
-                recipe.federation.local_steps, rejoiner(messenger, fields),
+                recipe.federation.local_steps, rejoiner(messenger, fields, wire), wire,
             )  # fmt: skip
 
         manifest = {
