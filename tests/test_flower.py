@@ -6,9 +6,9 @@ state); the deployment test (``test_flower_deployment.py``) runs a real SuperLin
 
 from __future__ import annotations
 
+import copy
 import io
 import json
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -195,7 +195,7 @@ class LoopbackMessenger:
         from fedalign.flower.apps import handle
 
         return {
-            node: handle(message_type, pickle.loads(pickle.dumps(content)), self.node_configs[node], None)
+            node: handle(message_type, copy.deepcopy(content), self.node_configs[node], None)
             for node, content in contents.items()
         }
 

@@ -35,7 +35,7 @@ from fedalign.privacy.randomness import RunSecrets, SecretRandomness, make_priva
 from fedalign.recipe import Recipe
 from fedalign.runtime.clients import LocalClients, Visit
 from fedalign.runtime.metrics import PeakMemory
-from fedalign.runtime.run import load_and_partition, run_context
+from fedalign.runtime.prepare import load_and_partition, run_context
 from fedalign.runtime.state import ClientStateStore, save_tensors_atomic, write_text_atomic
 
 

@@ -26,8 +26,9 @@ from fedalign.privacy.mechanism import NoPrivacy
 from fedalign.privacy.randomness import RunSecrets
 from fedalign.recipe import Recipe
 from fedalign.runtime.metrics import PeakMemory
+from fedalign.runtime.prepare import Prepared, Task, check_recipe
 from fedalign.runtime.privacy_plan import plan_example_privacy
-from fedalign.runtime.run import Prepared, RunResult, Task, check_recipe, run_federated
+from fedalign.runtime.run import RunResult, run_federated
 
 DEFAULT_TIMEOUT_S = 3600.0  # a node that has not answered a stage within this is dropped from the round
 

@@ -24,7 +24,8 @@ from fedalign.models.loading import LoadedModel
 from fedalign.privacy.pairs import ensure_pair_decomposable
 from fedalign.privacy.randomness import RunSecrets
 from fedalign.recipe import Recipe
-from fedalign.runtime.run import RunResult, TaskSetup, run_federated
+from fedalign.runtime.prepare import TaskSetup
+from fedalign.runtime.run import RunResult, run_federated
 from fedalign.runtime.sft import warn_dropped, warn_skipped, warn_truncated
 
 GENERATIONS = "generations.jsonl"

@@ -15,7 +15,8 @@ from fedalign.errors import RecipeError
 from fedalign.models.loading import LoadedModel
 from fedalign.privacy.randomness import RunSecrets
 from fedalign.recipe import Recipe
-from fedalign.runtime.run import RunResult, TaskSetup, run_federated
+from fedalign.runtime.prepare import TaskSetup
+from fedalign.runtime.run import RunResult, run_federated
 from fedalign.runtime.rundir import RESIDUAL_BASE
 
 __all__ = ["RESIDUAL_BASE", "RunResult", "SFTTask", "run_sft"]
