@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo demo-dpo demo-safety test lint embedded bench clean
+.PHONY: install demo demo-dpo demo-safety test lint embedded bench claims clean
 
 # torch goes in first and only if the environment has none: a torch already there (CUDA or CPU) is kept
 # (point VENV at an existing environment to reuse its build). Otherwise torch==2.13.0 is installed: the
@@ -37,14 +37,23 @@ lint: install
 embedded: install
 	$(PY) -m fedalign.embedded --out data
 
+# The speed and memory figures of BENCHMARKS.md; run alone on the machine. bench/gpu_step.py needs a GPU.
 bench: install
 	$(PY) bench/loop_vs_trl.py
-	$(PY) bench/client_memory.py
+	$(PY) bench/loop_vs_floor.py
+	$(PY) bench/client_scale.py
 	$(PY) bench/dp_overhead.py
-	$(PY) bench/fedask_server.py
+	$(PY) bench/dp_overhead_dpo.py
+	$(PY) bench/aggregation_7b.py
 	$(PY) bench/dpo_loop_vs_trl.py
 	$(PY) bench/accountant_utility.py
 	$(PY) bench/flower_overhead.py
+
+# The three papers' claims in miniature (about an hour on 2 cores; resumes where it stopped), then the
+# noise-amplification measurement on its ε = 6 runs; tables in BENCHMARKS.md.
+claims: install
+	$(PY) bench/claims.py
+	$(PY) bench/noise_amplification.py
 
 clean:
 	rm -rf runs .pytest_cache

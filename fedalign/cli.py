@@ -156,6 +156,35 @@ def flower_run_config(
     _run(show, recipe, overrides)
 
 
+_REPORT_RUNS = typer.Argument(..., help="one or more run directories; several are compared side by side")
+_REPORT_OUT = typer.Option(
+    None, "--out", help="folder for the report; default RUN_DIR/report for one run, ./report for several"
+)
+_REPORT_PRIVATE = typer.Option(
+    False,
+    "--private",
+    help="also plot DP runs' client-private records (training loss, per-client ε), which ε does not cover",
+)
+
+
+@app.command()
+def report(
+    run_dirs: list[str] = _REPORT_RUNS, out: str | None = _REPORT_OUT, private: bool = _REPORT_PRIVATE
+) -> None:
+    """Plots (training and held-out metrics, ε, bytes per round) and a Markdown summary of finished runs."""
+    from pathlib import Path
+
+    from fedalign.reporting import write_report
+
+    folder = Path(out) if out else Path(run_dirs[0]) / "report" if len(run_dirs) == 1 else Path("report")
+    try:
+        written = write_report([Path(d) for d in run_dirs], folder, include_private=private)
+    except FedalignError as error:
+        _fail(str(error))
+    for path in written:
+        console.print(str(path), highlight=False)
+
+
 eval_app = typer.Typer(
     no_args_is_help=True,
     help="Evaluate a checkpoint (a run directory: its base and tuned model side by side).",

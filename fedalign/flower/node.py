@@ -33,7 +33,7 @@ from fedalign.privacy.example_level import ExampleLevelDP
 from fedalign.privacy.mechanism import ClientLevel, ExampleLevel, NoPrivacy
 from fedalign.privacy.randomness import RunSecrets, SecretRandomness, make_private_dir
 from fedalign.recipe import Recipe
-from fedalign.runtime.clients import LocalClients, Visit
+from fedalign.runtime.clients import LocalClients, RowsByClient, Visit
 from fedalign.runtime.metrics import PeakMemory
 from fedalign.runtime.prepare import load_and_partition, run_context
 from fedalign.runtime.state import ClientStateStore, save_tensors_atomic, write_text_atomic
@@ -101,17 +101,18 @@ class NodeRuntime:
         device, setup, partition = load_and_partition(recipe, task, Console(quiet=True))
         self.trainer = setup.trainer
         if settings.data_path is not None:  # the whole file is its one client's
-            rows = {settings.clients[0]: self.trainer.rows(partition.clients[0])}
+            ids = {settings.clients[0]: partition.clients[0]}
         else:
-            rows = {c: self.trainer.rows(partition.clients[c]) for c in settings.clients}
-        self.rows = rows
+            ids = {c: partition.clients[c] for c in settings.clients}
+        self.client_ids = list(ids)
+        self.rows = RowsByClient(self.trainer.rows, ids)
         self.privacy: NoPrivacy = NoPrivacy(recipe.federation)  # until the server's plan arrives (σ)
         self._planned = False
         self.clients = LocalClients(
             self.algorithm,
             AdapterSlots(self.trainer.model),
             self.trainer,
-            rows,  # type: ignore[arg-type]  # indexed by client id, as the list is in-process
+            self.rows,
             ClientStateStore(self.root / "clients"),
             self.privacy,
             PeakMemory(device),
@@ -124,7 +125,7 @@ class NodeRuntime:
         self.algorithm.init_global(self.template)
 
     def sizes(self) -> dict[int, int]:
-        return {client: len(rows) for client, rows in self.rows.items()}
+        return {client: self.rows.size(client) for client in self.client_ids}
 
     def plan(self, sigma: float | None) -> None:
         """Take the server's public plan (σ of example/pair-level DP-SGD), once per process."""
@@ -132,7 +133,7 @@ class NodeRuntime:
             self.privacy = self.clients.privacy = self._privacy(self.rows, sigma)
             self._planned = True
 
-    def _privacy(self, rows: dict[int, Any], sigma: float | None) -> NoPrivacy:
+    def _privacy(self, rows: RowsByClient, sigma: float | None) -> NoPrivacy:
         """The mechanism's client-side points on this node: its clients' DP-SGD (their keys and ledgers
         here), or client-level DP's clipping (the noise is the server's)."""
         recipe = self.recipe
@@ -145,8 +146,8 @@ class NodeRuntime:
                 raise RecipeError("the server sent no σ for this DP run")
             self.trainer.make_private(dp, sigma)
             rates = [math.nan] * fed.num_clients  # only this node's clients' rates are known here
-            for client, client_rows in rows.items():
-                rates[client] = min(1.0, recipe.train.batch_size / len(client_rows))
+            for client in self.client_ids:
+                rates[client] = min(1.0, recipe.train.batch_size / rows.size(client))
             level_dp = ExampleLevelDP(dp, sigma, rates, fed.local_steps, fed.local_steps)
             return ExampleLevel(fed, level_dp, self._secrets())
         return NoPrivacy(fed)

@@ -28,7 +28,7 @@ from fedalign.models.loading import (
 from fedalign.privacy.mechanism import NoPrivacy
 from fedalign.privacy.randomness import RunSecrets
 from fedalign.recipe import Recipe
-from fedalign.runtime.clients import ClientSide, LocalClients
+from fedalign.runtime.clients import ClientSide, LocalClients, RowsByClient
 from fedalign.runtime.metrics import PeakMemory
 from fedalign.runtime.privacy_plan import bind_secrets, client_privacy, plan_example_privacy, secrets_for
 from fedalign.runtime.state import CLIENT_STATE, ClientStateStore
@@ -132,7 +132,7 @@ def prepare_local(recipe: Recipe, task: Task, console: Console, secrets: RunSecr
             algorithm,
             AdapterSlots(trainer.model),
             trainer,
-            [trainer.rows(ids) for ids in partition.clients],
+            RowsByClient(trainer.rows, partition.clients),
             ClientStateStore(private_dir / CLIENT_STATE),
             privacy,
             memory,
