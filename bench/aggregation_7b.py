@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -55,6 +54,7 @@ from fedalign.algorithms import (
     weighted_sum,
 )
 from fedalign.algorithms.base import DOWN, UP, low_rank_delta
+from fedalign.runtime.metrics import PeakMemory
 
 RANK, CLIENTS, THREADS = 16, 10, 2
 LORA_ALPHA = 2.0 * RANK  # LoRA scale α/r = 2 (FRLoRA's c); the figures do not depend on it
@@ -88,16 +88,6 @@ def principal_factors_without_svd(rank: int) -> Iterator[None]:
 
     with mock.patch.object(torch.linalg, "svd", fake):
         yield
-
-
-def reset_peak() -> bool:
-    """Reset this process's resident high-water mark (Linux ≥ 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def measure(name: str, repeats: int, dim: int, modules: int, real_svd: bool) -> dict[str, Any]:
@@ -173,9 +163,11 @@ def measure(name: str, repeats: int, dim: int, modules: int, real_svd: bool) -> 
     # A first round, untimed (first calls into LAPACK and the allocator cost extra), gives the peak; the
     # timed rounds follow it.
     rss_inputs = psutil.Process().memory_info().rss
-    reset = reset_peak()
+    memory = PeakMemory(torch.device("cpu"))  # the runtime's own peak: VmHWM, reset here where Linux allows
+    reset = memory.field == "peak_rss_mib"
+    memory.reset()
     base_update = server_round()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = memory.read() * MIB
     times = []
     for _ in range(repeats):
         started = time.perf_counter()

@@ -24,9 +24,8 @@ for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from harness import CPU_TRAINER_ARGS  # noqa: E402
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
+from harness import CPU_TRAINER_ARGS, quiet_cpu, random_llama  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from fedalign.models.loading import attach_lora  # noqa: E402
@@ -40,17 +39,7 @@ SIZES = {"~4M": (256, 688, 4, 1024), "~47M": (512, 1376, 8, 22000)}  # hidden, i
 
 def build(hidden: int, inter: int, layers: int, vocab: int, out: Path) -> tuple[SFTTrainer, dict, int]:
     tokenizer = AutoTokenizer.from_pretrained(REPO / "data" / "tiny-llama")
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=hidden // 64,
-        num_key_value_heads=hidden // 64,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(config)
+    base = random_llama(hidden, inter, layers, vocab, tokenizer)
     params = sum(p.numel() for p in base.parameters())
     model = attach_lora(base, LoraSection(r=8, alpha=16), seed=0)
     gen = torch.Generator().manual_seed(0)
@@ -120,9 +109,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 5:
         parser.error("--steps must be 5 or more: steps are timed in blocks of 5 after a warm-up block")
-    torch.set_num_threads(2)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_cpu()
     import datasets
 
     datasets.disable_progress_bars()

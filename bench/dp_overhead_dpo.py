@@ -33,8 +33,8 @@ for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ[_var] = "1"
 
 import torch  # noqa: E402
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
+from harness import quiet_cpu, random_llama  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
 from fedalign.client.dpo import DPOLocalTrainer  # noqa: E402
 from fedalign.data.preferences import PreferenceExample  # noqa: E402
@@ -74,19 +74,7 @@ def make_pairs(tokenizer: Any) -> list[PreferenceExample]:
 def build(hidden: int, inter: int, layers: int, vocab: int) -> tuple[DPOLocalTrainer, DPOLocalTrainer, int]:
     """Two DPO clients on copies of one random Llama with the same LoRA; the second one private."""
     tokenizer = AutoTokenizer.from_pretrained(REPO / "data" / "tiny-llama")
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=hidden // 64,
-        num_key_value_heads=hidden // 64,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(config)
+    base = random_llama(hidden, inter, layers, vocab, tokenizer)
     params = sum(p.numel() for p in base.parameters())
     pairs = make_pairs(tokenizer)
     train = TrainSection(batch_size=PAIRS, learning_rate=5e-4, max_length=256)  # max_grad_norm 1, AdamW
@@ -174,10 +162,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be 1 or more and --warmup 0 or more")
-    torch.set_num_threads(2)
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5's deprecation notes
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_cpu()
     import datasets
 
     datasets.disable_progress_bars()

@@ -25,9 +25,8 @@ for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from harness import CPU_TRAINER_ARGS, alternate, round_loop_seconds  # noqa: E402
+from harness import CPU_TRAINER_ARGS, alternate, quiet_cpu, round_loop_seconds  # noqa: E402
 from rich.console import Console  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from fedalign.data.preferences import load_preferences  # noqa: E402
@@ -99,9 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_cpu()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         raw = recipe(root / "runs")

@@ -1,5 +1,6 @@
-"""What the benchmarks share: quiet CPU settings for a bare TRL trainer, and the alternating
-fedalign-vs-TRL comparison whose ratio of medians BENCHMARKS.md records."""
+"""What the benchmarks share: quiet CPU settings for a bare TRL trainer and for the process, the random
+Llama the step benchmarks time, and the alternating fedalign-vs-TRL comparison whose ratio of medians
+BENCHMARKS.md records."""
 
 from __future__ import annotations
 
@@ -18,6 +19,36 @@ CPU_TRAINER_ARGS: dict[str, Any] = {
     "disable_tqdm": True,
 }
 """TrainingArguments every bare-TRL side uses: float32 on the CPU, nothing saved or reported."""
+
+
+def quiet_cpu(threads: int = 2) -> None:
+    """The benchmarks' process settings: ``threads`` torch threads, no transformers warnings or bars."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(threads)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def random_llama(hidden: int, inter: int, layers: int, vocab: int, tokenizer: Any) -> Any:
+    """A Llama of the given shape with random weights (seed 0), heads of 64, on ``tokenizer``'s ids."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
 
 
 def round_loop_seconds(run_dir: Path) -> float:

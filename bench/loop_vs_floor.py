@@ -35,11 +35,11 @@ for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ[_var] = "1"
 
 import torch  # noqa: E402
+from harness import quiet_cpu, round_loop_seconds  # noqa: E402
 from loop_vs_trl import build_setting, recipe  # noqa: E402
 from rich.console import Console  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
 
 from fedalign.client.loop import VisitBatches  # noqa: E402
 from fedalign.client.sft import SFTLocalTrainer  # noqa: E402
@@ -63,9 +63,8 @@ COMPONENTS = {
 
 
 def run_fedalign(raw: dict) -> tuple[float, Path]:
-    result = run_sft(validate_recipe(raw), Console(file=io.StringIO()))
-    lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
-    return next(json.loads(x) for x in lines if '"summary"' in x)["rounds_wall_s"], result.run_dir
+    run_dir = run_sft(validate_recipe(raw), Console(file=io.StringIO())).run_dir
+    return round_loop_seconds(run_dir), run_dir
 
 
 class Floor:
@@ -132,9 +131,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_cpu()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir, data = build_setting(root)

@@ -25,10 +25,9 @@ for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from harness import CPU_TRAINER_ARGS, alternate, round_loop_seconds  # noqa: E402
+from harness import CPU_TRAINER_ARGS, alternate, quiet_cpu, random_llama, round_loop_seconds  # noqa: E402
 from rich.console import Console  # noqa: E402
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
+from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from fedalign.data.sources import load_examples  # noqa: E402
@@ -43,19 +42,7 @@ TOKENIZER = REPO / "data" / "tiny-llama"
 def build_setting(root: Path) -> tuple[Path, Path]:
     """A ~3M-parameter Llama on the embedded tokenizer, and 400 rows of about 128 tokens."""
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = random_llama(256, 512, 4, len(tokenizer), tokenizer)
     model_dir = root / "model"
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
@@ -121,9 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_cpu()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir, data = build_setting(root)

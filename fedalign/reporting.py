@@ -187,10 +187,15 @@ def collect(runs: list[RunRecords]) -> dict[str, Any]:
             left_out.append(
                 f"{run.label}: training loss and per-client ε (client-private under DP; --private)"
             )
-        for e in run.of_type("eval"):
-            for key, value in e.items():
-                if key not in ("type", "round") and isinstance(value, (int, float)):
-                    metrics.setdefault(key, {})[run.label] = _series(run.of_type("eval"), key)
+        evals = run.of_type("eval")
+        measured = {
+            k
+            for e in evals
+            for k, v in e.items()
+            if k not in ("type", "round") and isinstance(v, (int, float))
+        }
+        for key in sorted(measured, key=lambda k: (k != "eval_loss", k)):  # held-out loss first
+            metrics.setdefault(key, {})[run.label] = _series(evals, key)
         if run.unit != "none":  # the public ε: the run's (client-level), or the largest client's
             key = "epsilon" if run.unit == "client" else "epsilon_max"
             line = run.label if run.unit == "client" else f"{run.label} (largest client)"
